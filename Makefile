@@ -1,0 +1,43 @@
+# relabel_dali: `make demo` runs the whole job on the embedded demo data, `make test` the test suite.
+# Both create .venv and install everything on first use; later runs reuse it (idempotent).
+
+PYTHON ?= python3
+VENV ?= .venv
+DALI_VARIANT ?= cuda130
+DALI_VERSION ?= 2.4.0
+DEMO_DIR ?= demo
+BIN := $(VENV)/bin
+# Stamp names the variant: switching DALI_VARIANT reinstalls DALI.
+STAMP := $(VENV)/.installed-dali-$(DALI_VARIANT)-$(DALI_VERSION)
+# The registry's default torch build (CUDA) is wanted: a local CPU-only wheel cannot load torchvision.
+PIP := PIP_FIND_LINKS= $(BIN)/python -m pip
+
+.PHONY: install demo demo-data test bench clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "nvidia-dali-$(DALI_VARIANT)==$(DALI_VERSION)"
+	$(PIP) install -q -e ".[demo,dev]"
+	# Real ImageNet photos for the demo; only the data folder is used, so no dependencies.
+	$(PIP) install -q --no-deps "foolbox==3.3.4"
+	rm -f $(VENV)/.installed-dali-*
+	touch $@
+
+demo-data: $(STAMP)
+	$(BIN)/python tools/make_demo_data.py $(DEMO_DIR)/data
+	$(BIN)/python tools/pack_labels.py $(DEMO_DIR)/data/relabel_pt $(DEMO_DIR)/labels \
+		--image-root $(DEMO_DIR)/data/train --dtype float16
+
+demo: demo-data
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python tools/bench_labels.py --json bench_out/bench_labels.json
+
+clean-venv:
+	rm -rf $(VENV)

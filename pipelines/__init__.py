@@ -1,0 +1,1 @@
+"""DALI graph definitions: side-effect-free functions of their arguments."""

@@ -1,0 +1,208 @@
+"""LabelShardReader: memory-mapped, O(1) random access to a packed label dataset."""
+from __future__ import annotations
+
+import bisect
+import json
+import mmap
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from . import format as fmt
+
+
+class ShardCorruptError(fmt.FormatError):
+    """A record or shard whose bytes do not match their checksum."""
+
+
+class LabelRecord(NamedTuple):
+    """One record as stored: read-only views into the mapping, no copy, no dequantization."""
+
+    scores: np.ndarray  # [k, H, W], the stored dtype (float32, float16 or uint8)
+    class_ids: np.ndarray  # [k, H, W] uint16
+    scale: float
+    offset: float
+
+
+def read_index(root: Path) -> dict:
+    path = root / fmt.INDEX_NAME
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no label index here (run tools/pack_labels.py first)") from None
+    except json.JSONDecodeError as error:
+        raise fmt.FormatError(f"{path}: not valid JSON ({error})") from None
+    if index.get("format") != fmt.INDEX_FORMAT or index.get("version") != fmt.VERSION:
+        raise fmt.FormatError(f"{path}: format {index.get('format')!r} version {index.get('version')!r}, "
+                              f"expected {fmt.INDEX_FORMAT!r} version {fmt.VERSION}")
+    return index
+
+
+def read_keys(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    return text.split("\n")[:-1] if text else []
+
+
+class LabelShardReader:
+    """Reads a label dataset folder (with ``index.json``) or a single ``.rls`` shard.
+
+    ``reader[key_or_index]`` returns ``(scores float32 [k,H,W], class_ids int64 [k,H,W])`` in
+    canonical [k, y, x] layout; ``reader.record(key_or_index)`` returns the stored record as
+    read-only views. The memory maps are opened lazily in each process and never pickled, so a
+    reader can be handed to fork or spawn workers.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._open_metadata()
+        self._maps: list[mmap.mmap] | None = None
+        self._records: list[np.ndarray] | None = None
+
+    # ---- metadata (cheap, pickled by value) -------------------------------------------------
+    def _open_metadata(self) -> None:
+        if self.path.is_dir():
+            index = read_index(self.path)
+            self.shard_paths = [self.path / shard["file"] for shard in index["shards"]]
+            counts = [int(shard["records"]) for shard in index["shards"]]
+            self.keys = []
+            for shard in index["shards"]:
+                self.keys.extend(read_keys(self.path / shard["keys"]))
+            if len(self.keys) != sum(counts):
+                raise fmt.FormatError(f"{self.path}: index lists {sum(counts)} records but the key "
+                                      f"files hold {len(self.keys)} keys")
+        else:
+            self.shard_paths = [self.path]
+            counts = [None]
+            keys_path = self.path.with_suffix(fmt.KEYS_SUFFIX)
+            self.keys = read_keys(keys_path) if keys_path.exists() else None
+        self.geometry = None
+        self.counts = []
+        for shard_path, expected in zip(self.shard_paths, counts):
+            with open(shard_path, "rb") as handle:
+                geometry, count = fmt.parse_header(handle.read(fmt.HEADER_SIZE), str(shard_path))
+            if expected is not None and count != expected:
+                raise fmt.FormatError(f"{shard_path}: header says {count} records, index says {expected}")
+            size = shard_path.stat().st_size
+            expected_size = fmt.HEADER_SIZE + count * geometry.record_dtype.itemsize
+            if size != expected_size:
+                raise fmt.FormatError(f"{shard_path}: {size} bytes, expected {expected_size} "
+                                      f"for {count} records (truncated or padded file)")
+            if self.geometry is not None and geometry != self.geometry:
+                raise fmt.FormatError(f"{shard_path}: geometry {geometry} differs from {self.geometry}")
+            self.geometry = geometry
+            self.counts.append(count)
+        if self.geometry is None:
+            raise fmt.FormatError(f"{self.path}: the index lists no shards")
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)]).tolist()
+        self._key_to_index = None
+
+    @property
+    def k(self) -> int:
+        return self.geometry.k
+
+    @property
+    def height(self) -> int:
+        return self.geometry.height
+
+    @property
+    def width(self) -> int:
+        return self.geometry.width
+
+    @property
+    def num_classes(self) -> int:
+        return self.geometry.num_classes
+
+    @property
+    def score_dtype(self) -> str:
+        return self.geometry.score_dtype
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._lookup()
+
+    def _lookup(self) -> dict[str, int]:
+        if self._key_to_index is None:
+            if self.keys is None:
+                raise KeyError(f"{self.path}: no keys file; access records by number")
+            self._key_to_index = {key: i for i, key in enumerate(self.keys)}
+        return self._key_to_index
+
+    def index_of(self, key: str) -> int:
+        try:
+            return self._lookup()[key]
+        except KeyError:
+            raise KeyError(f"{self.path}: no label record for key {key!r}") from None
+
+    # ---- records (memory-mapped per process) ------------------------------------------------
+    def _open_maps(self) -> None:
+        self._maps, self._records = [], []
+        dtype = self.geometry.record_dtype
+        for shard_path, count in zip(self.shard_paths, self.counts):
+            with open(shard_path, "rb") as handle:
+                mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if count else None
+            self._maps.append(mapping)
+            self._records.append(np.frombuffer(mapping, dtype=dtype, count=count, offset=fmt.HEADER_SIZE)
+                                 if count else np.empty(0, dtype))
+
+    def _locate(self, key_or_index) -> tuple[int, int]:
+        index = self.index_of(key_or_index) if isinstance(key_or_index, str) else int(key_or_index)
+        total = self.starts[-1]
+        if index < 0:
+            index += total
+        if not 0 <= index < total:
+            raise IndexError(f"{self.path}: record {key_or_index} out of range [0, {total})")
+        shard = bisect.bisect_right(self.starts, index) - 1
+        return shard, index - self.starts[shard]
+
+    def record(self, key_or_index) -> LabelRecord:
+        if self._records is None:
+            self._open_maps()
+        shard, row = self._locate(key_or_index)
+        rec = self._records[shard][row]
+        return LabelRecord(rec["scores"], rec["class_ids"], float(rec["scale"]), float(rec["offset"]))
+
+    def __getitem__(self, key_or_index) -> tuple[np.ndarray, np.ndarray]:
+        scores, class_ids, scale, offset = self.record(key_or_index)
+        return fmt.decode_scores(scores, scale, offset), class_ids.astype(np.int64)
+
+    def verify(self) -> int:
+        """Checks every header and record checksum; returns the number of records checked."""
+        if self._records is None:
+            self._open_maps()
+        checked = 0
+        for shard_path, records in zip(self.shard_paths, self._records):
+            raw = records.view(np.uint8).reshape(len(records), -1) if len(records) else records
+            for row in range(len(records)):
+                stored = int(records[row]["crc32"])
+                computed = fmt.record_checksum(memoryview(raw[row]))
+                if stored != computed:
+                    raise ShardCorruptError(f"{shard_path}: record {row} checksum {stored:#010x}, "
+                                            f"computed {computed:#010x}")
+                checked += 1
+        return checked
+
+    def close(self) -> None:
+        self._records = None
+        for mapping in self._maps or []:
+            if mapping is not None:
+                try:
+                    mapping.close()
+                except BufferError:  # a caller still holds a view; the OS unmaps at exit
+                    pass
+        self._maps = None
+
+    # ---- pickling: only the path travels; workers reopen lazily ------------------------------
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+    def __repr__(self) -> str:
+        g = self.geometry
+        return (f"LabelShardReader({str(self.path)!r}, records={len(self)}, k={g.k}, "
+                f"map={g.height}x{g.width}, classes={g.num_classes}, scores={g.score_dtype})")
