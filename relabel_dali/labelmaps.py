@@ -1,0 +1,90 @@
+"""Top-k label maps as the official ReLabel release stores them, and their canonical form.
+
+An official file holds one float tensor ``[2, k, A, B]``: ``[0]`` the scores, ``[1]`` the class ids
+stored as floats. The official pooling code reads axis ``A`` as horizontal and ``B`` as vertical
+(see docs/ARCHITECTURE.md), so ``layout="official"`` transposes the last two axes into the
+canonical ``[k, y, x]``; ``layout="yx"`` takes maps that already are ``[k, y, x]``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+LABEL_SUFFIXES = (".pt", ".npy", ".npz")
+LAYOUTS = ("official", "yx")
+
+
+class LabelMapError(ValueError):
+    """A label map file that cannot be packed; the message names the file and the problem."""
+
+
+def load_label_file(path: str | Path) -> np.ndarray:
+    """Reads a ``.pt``, ``.npy`` or ``.npz`` label map as a float32 array (shape unchecked)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".pt":
+            import torch
+
+            value = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(value, torch.Tensor):
+                raise LabelMapError(f"{path}: holds a {type(value).__name__}, expected one tensor [2, k, H, W]")
+            return value.detach().to(torch.float32).numpy()
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False).astype(np.float32, copy=False)
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                names = archive.files
+                if len(names) != 1:
+                    raise LabelMapError(f"{path}: holds arrays {names}, expected exactly one [2, k, H, W]")
+                return archive[names[0]].astype(np.float32, copy=False)
+    except LabelMapError:
+        raise
+    except Exception as error:  # corrupt or truncated files fail in format-specific ways
+        raise LabelMapError(f"{path}: unreadable ({type(error).__name__}: {error})") from None
+    raise LabelMapError(f"{path}: unknown label file type {path.suffix!r}, expected one of {LABEL_SUFFIXES}")
+
+
+def to_canonical(array: np.ndarray, *, topk: int, num_classes: int, layout: str,
+                 source: str = "<array>") -> tuple[np.ndarray, np.ndarray]:
+    """Validates an official-style ``[2, k, A, B]`` array and returns the canonical top-``topk``
+    ``(scores float32 [topk, y, x], class_ids int64 [topk, y, x])``, best score first per cell."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
+    if array.ndim != 4 or array.shape[0] != 2:
+        raise LabelMapError(f"{source}: shape {tuple(array.shape)}, expected [2, k, H, W]")
+    k = array.shape[1]
+    if k < topk:
+        raise LabelMapError(f"{source}: k = {k} entries per location, fewer than --topk {topk}")
+    scores, ids_float = array[0], array[1]
+    if not np.all(np.isfinite(scores)):
+        where = np.argwhere(~np.isfinite(scores))[0].tolist()
+        raise LabelMapError(f"{source}: score at [k, a, b] = {where} is {scores[tuple(where)]} (NaN/inf)")
+    if not np.all(np.isfinite(ids_float)) or np.any(ids_float != np.round(ids_float)):
+        raise LabelMapError(f"{source}: class ids are not all integers")
+    class_ids = ids_float.astype(np.int64)
+    low, high = int(class_ids.min()), int(class_ids.max())
+    if low < 0 or high >= num_classes:
+        raise LabelMapError(f"{source}: class ids span [{low}, {high}], expected within [0, {num_classes - 1}]")
+    ordered_ids = np.sort(class_ids, axis=0)
+    if np.any(ordered_ids[1:] == ordered_ids[:-1]):
+        where = np.argwhere(ordered_ids[1:] == ordered_ids[:-1])[0].tolist()
+        raise LabelMapError(f"{source}: class id repeated within one location (at [a, b] = {where[1:]})")
+    # Stable descending order per cell: files already sorted keep their order exactly.
+    order = np.argsort(-scores, axis=0, kind="stable")[:topk]
+    scores = np.take_along_axis(scores, order, axis=0)
+    class_ids = np.take_along_axis(class_ids, order, axis=0)
+    if layout == "official":
+        scores, class_ids = scores.transpose(0, 2, 1), class_ids.transpose(0, 2, 1)
+    return np.ascontiguousarray(scores, dtype=np.float32), np.ascontiguousarray(class_ids)
+
+
+def to_official(scores: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
+    """Canonical ``[k, y, x]`` maps -> the official ``[2, k, x, y]`` float array (inverse of
+    ``to_canonical(..., layout="official")``)."""
+    return np.stack([np.asarray(scores, np.float32), np.asarray(class_ids, np.float32)]).transpose(0, 1, 3, 2).copy()
+
+
+def label_key(path: Path, root: Path) -> str:
+    """Sample key: the path relative to ``root``, POSIX separators, extension removed."""
+    return path.relative_to(root).with_suffix("").as_posix()

@@ -1,0 +1,230 @@
+#!/usr/bin/env python
+"""Pack a tree of official ReLabel label maps into label shards.
+
+    python tools/pack_labels.py SRC OUT [--topk K] [--dtype float32|float16|uint8]
+        [--records-per-shard N] [--workers N] [--layout official|yx] [--image-root DIR]
+        [--on-error fail|skip]
+
+SRC holds ``<wnid>/<image>.pt`` files (or ``.npy``/``.npz``) of shape ``[2, k, H, W]``. Keys are the
+paths relative to SRC without extension; records are stored in sorted key order, shard ``j`` holding
+the ``j``-th run of ``--records-per-shard`` source files. A killed run is resumed by running the same
+command again: complete shards are kept, the rest are written, and the output is byte-identical to an
+uninterrupted run.
+
+Exit codes: 0 everything packed; 1 a bad file stopped the run (``--on-error fail``) or bad arguments;
+3 the run finished but skipped bad files (``--on-error skip``; they are listed in the summary and in
+OUT/skipped.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+from tqdm import tqdm
+
+from relabel_dali import format as fmt
+from relabel_dali.labelmaps import LABEL_SUFFIXES, LAYOUTS, LabelMapError, label_key, load_label_file, to_canonical
+from relabel_dali.writer import LabelShardWriter, atomic_write_bytes
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+EXIT_OK, EXIT_FAILED, EXIT_SKIPPED = 0, 1, 3
+SETTINGS_NAME = "pack_settings.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", type=Path, help="tree of official label maps (.pt/.npy/.npz)")
+    parser.add_argument("out", type=Path, help="output folder for shards and index.json")
+    parser.add_argument("--topk", type=int, default=5, help="entries kept per location (default 5)")
+    parser.add_argument("--dtype", choices=sorted(fmt.SCORE_DTYPE_NAMES), default="float16",
+                        help="stored score dtype (default float16)")
+    parser.add_argument("--records-per-shard", type=int, default=10000)
+    parser.add_argument("--workers", type=int, default=1, help="processes reading source files")
+    parser.add_argument("--layout", choices=LAYOUTS, default="official",
+                        help="official: files as released (last axis vertical); yx: already [k, y, x]")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--image-root", type=Path, help="report label files without images and vice versa")
+    parser.add_argument("--on-error", choices=("fail", "skip"), default="fail")
+    args = parser.parse_args(argv)
+    if args.topk < 1 or args.records_per_shard < 1 or args.workers < 1:
+        parser.error("--topk, --records-per-shard and --workers must be positive")
+    return args
+
+
+def find_sources(src: Path) -> tuple[dict[str, Path], list[dict]]:
+    """(key -> file, duplicates): of two files with one key (a.npy, a.pt) the first in sorted
+    path order is the source, the other a duplicate."""
+    if not src.is_dir():
+        raise LabelMapError(f"{src}: source folder does not exist")
+    sources: dict[str, Path] = {}
+    duplicates = []
+    for path in sorted(src.rglob("*")):
+        if path.suffix not in LABEL_SUFFIXES or not path.is_file():
+            continue
+        key = label_key(path, src)
+        if key in sources:
+            duplicates.append({"key": key, "file": str(path),
+                               "error": f"{path}: duplicate key {key!r}, already given by {sources[key]}"})
+        else:
+            sources[key] = path
+    return sources, duplicates
+
+
+def find_images(root: Path) -> set[str]:
+    return {label_key(p, root) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+
+
+class Converter:
+    """Picklable per-file work for the worker pool: load, validate, convert to canonical."""
+
+    def __init__(self, topk: int, num_classes: int, layout: str):
+        self.topk, self.num_classes, self.layout = topk, num_classes, layout
+
+    def __call__(self, item: tuple[str, Path]):
+        key, path = item
+        try:
+            array = load_label_file(path)
+            scores, class_ids = to_canonical(array, topk=self.topk, num_classes=self.num_classes,
+                                             layout=self.layout, source=str(path))
+            return key, path, scores, class_ids, None
+        except LabelMapError as error:
+            return key, path, None, None, str(error)
+
+
+def dataset_map_size(convert: Converter, keys: list[str], sources: dict[str, Path], on_error: str):
+    """The map size of the first readable file sets the dataset's; other sizes are bad files."""
+    for key in keys:
+        _, _, scores, _, error = convert((key, sources[key]))
+        if error is None:
+            return scores.shape[1:]
+        if on_error == "fail":
+            raise LabelMapError(error)
+    raise LabelMapError(f"none of the {len(keys)} label files could be read")
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """A resumed run must use the settings of the run it continues, or the shards would mix."""
+    path = out / SETTINGS_NAME
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != settings:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise SystemExit(f"error: {out} was packed with other settings ({', '.join(changed)} differ); "
+                             f"use a fresh output folder or the same arguments")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
+
+
+def pack(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    sources, duplicates = find_sources(args.src)
+    if duplicates and args.on_error == "fail":
+        print(f"error: {duplicates[0]['error']}", file=sys.stderr)
+        return EXIT_FAILED
+    if not sources:
+        print(f"error: no {'/'.join(LABEL_SUFFIXES)} files under {args.src}", file=sys.stderr)
+        return EXIT_FAILED
+    keys = sorted(sources)
+    settings = {"topk": args.topk, "dtype": args.dtype, "layout": args.layout, "num_classes": args.num_classes,
+                "records_per_shard": args.records_per_shard, "sources": len(keys)}
+    check_settings(args.out, settings)
+
+    convert = Converter(args.topk, args.num_classes, args.layout)
+    height, width = dataset_map_size(convert, keys, sources, args.on_error)
+    writer = LabelShardWriter(args.out, k=args.topk, height=height, width=width,
+                              num_classes=args.num_classes, score_dtype=args.dtype)
+    chunks = [keys[i:i + args.records_per_shard] for i in range(0, len(keys), args.records_per_shard)]
+    names = [f"labels-{j:05d}" for j in range(len(chunks))]
+    todo = [(name, chunk) for name, chunk in zip(names, chunks) if not writer.shard_done(name)]
+    resumed = len(chunks) - len(todo)
+
+    pool = get_context("spawn").Pool(args.workers) if args.workers > 1 else None
+    skipped_now, written, max_error = [], 0, 0.0
+    progress = tqdm(total=sum(len(c) for _, c in todo), unit="map", desc="packing", disable=None)
+    try:
+        for name, chunk in todo:
+            items = [(key, sources[key]) for key in chunk]
+            results = pool.imap(convert, items, chunksize=32) if pool else map(convert, items)
+            shard_skipped = []
+            with writer.shard(name) as shard:
+                for key, path, scores, class_ids, error in results:
+                    progress.update()
+                    if error is None and (scores.shape[1:] != (height, width)):
+                        error = f"{path}: map is {scores.shape[1]}x{scores.shape[2]}, the dataset's is {height}x{width}"
+                    if error is not None:
+                        if args.on_error == "fail":
+                            raise LabelMapError(error)
+                        shard_skipped.append({"key": key, "file": str(path), "error": error})
+                        continue
+                    max_error = max(max_error, shard.add(key, scores, class_ids))
+                    written += 1
+                # Recorded before the shard completes, so a finished shard always has its skip list.
+                atomic_write_bytes(args.out / f"{name}.skipped.json",
+                                   (json.dumps(shard_skipped, indent=1) + "\n").encode())
+            skipped_now.extend(shard_skipped)
+    except LabelMapError as error:
+        progress.close()
+        print(f"error: {error}", file=sys.stderr)
+        print("nothing of the failed shard was kept; fix or remove the file (or use --on-error skip) "
+              "and rerun the same command to resume", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if pool:
+            pool.terminate()
+    progress.close()
+
+    index = writer.finalize(names)
+    skipped = list(duplicates)
+    for name in names:
+        path = args.out / f"{name}.skipped.json"
+        skipped.extend(json.loads(path.read_text()) if path.exists() else [])
+    atomic_write_bytes(args.out / "skipped.json", (json.dumps(skipped, indent=1) + "\n").encode())
+    report_summary(args, index, sources, skipped, resumed, len(chunks), written, max_error,
+                   time.perf_counter() - started)
+    return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def report_summary(args, index, sources, skipped, resumed, total_shards, written, max_error, seconds) -> None:
+    shard_bytes = sum((args.out / s["file"]).stat().st_size for s in index["shards"])
+    input_bytes = sum(p.stat().st_size for p in sources.values())
+    records = index["records"]
+    lines = [
+        f"packed {records} records into {total_shards} shards in {args.out} "
+        f"({resumed} shards kept from an earlier run)",
+        f"  bytes written: {shard_bytes:,} ({shard_bytes / max(records, 1):,.0f} bytes/record, "
+        f"{shard_bytes / max(input_bytes, 1):.3f} of the {input_bytes:,} input bytes)",
+        f"  speed: {written / max(seconds, 1e-9):,.0f} records/s this run ({written} records in {seconds:.1f} s)",
+        f"  scores: {args.dtype}, max abs quantization error this run: {max_error:.3g}",
+        f"  skipped: {len(skipped)} bad files" + (" (see skipped.json)" if skipped else ""),
+    ]
+    for item in skipped[:20]:
+        lines.append(f"    {item['error']}")
+    if args.image_root is not None:
+        images = find_images(args.image_root)
+        labels = set(sources)
+        no_image, no_label = sorted(labels - images), sorted(images - labels)
+        lines.append(f"  image root {args.image_root}: {len(images)} images; {len(no_image)} label files "
+                     f"without an image, {len(no_label)} images without a label file")
+        for title, keys in (("label file without image", no_image), ("image without label file", no_label)):
+            lines.extend(f"    {title}: {key}" for key in keys[:10])
+            if len(keys) > 10:
+                lines.append(f"    ... and {len(keys) - 10} more")
+    print("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return pack(args)
+    except (LabelMapError, fmt.FormatError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
