@@ -155,12 +155,19 @@ class LabelShardReader:
                                  records["scale"].tolist(), records["offset"].tolist()))
 
     def _locate(self, key_or_index) -> tuple[int, int]:
-        index = self.index_of(key_or_index) if isinstance(key_or_index, str) else int(key_or_index)
+        if isinstance(key_or_index, str):
+            index = self._key_to_index.get(key_or_index) if self._key_to_index is not None else None
+            if index is None:
+                index = self.index_of(key_or_index)  # builds the table, or raises a clear KeyError
+        else:
+            index = int(key_or_index)
         total = self.starts[-1]
         if index < 0:
             index += total
         if not 0 <= index < total:
             raise IndexError(f"{self.path}: record {key_or_index} out of range [0, {total})")
+        if len(self.counts) == 1:
+            return 0, index
         shard = bisect.bisect_right(self.starts, index) - 1
         return shard, index - self.starts[shard]
 
