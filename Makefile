@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 DALI_VARIANT ?= cuda130
 DALI_VERSION ?= 2.4.0
+# Extra pip arguments for the DALI wheel, e.g. NVIDIA's own package index for cuda110, whose
+# registry package is only a placeholder that downloads from there.
+DALI_PIP_ARGS ?=
 DEMO_DIR ?= demo
 BIN := $(VENV)/bin
 # Stamp names the variant: switching DALI_VARIANT reinstalls DALI.
@@ -19,7 +22,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "nvidia-dali-$(DALI_VARIANT)==$(DALI_VERSION)"
+	$(PIP) install -q $(DALI_PIP_ARGS) "nvidia-dali-$(DALI_VARIANT)==$(DALI_VERSION)"
 	$(PIP) install -q -e ".[demo,dev]"
 	# Real ImageNet photos for the demo; only the data folder is used, so no dependencies.
 	$(PIP) install -q --no-deps "foolbox==3.3.4"
