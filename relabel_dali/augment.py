@@ -1,0 +1,20 @@
+"""Augmentation constants shared by the DALI graphs and the torch baseline.
+
+The values are those of the ImageNet recipes ReLabel trains with: channel statistics on a 0..1
+scale, and the AlexNet-style PCA lighting basis (eigenvector ``i`` is column ``i``).
+"""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+LIGHTING_STD = 0.1
+COLOR_JITTER = 0.4  # brightness, contrast and saturation factors drawn from [1 - 0.4, 1 + 0.4]
+
+RANDOM_AREA = (0.08, 1.0)
+RANDOM_ASPECT_RATIO = (3 / 4, 4 / 3)
+VAL_CROP_RATIO = 0.875
