@@ -1,0 +1,199 @@
+"""One training epoch, one evaluation pass, and the single place where the trainer meets the data.
+
+Both loops take plain objects (model, loader, optimizer, ...) so tests can drive them directly;
+``train.py`` only wires them together.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .config import Config
+from .distributed import DistEnv, all_reduce_sum
+from .losses import smooth_targets, soft_target_cross_entropy
+from .metrics import AccuracyMeter, RealLabels, load_real_labels
+
+
+# ---- data --------------------------------------------------------------------------------------
+@dataclass
+class Data:
+    train: object  # iterable of dicts with len() and set_epoch(epoch)
+    val: object
+    val_keys: list[str]  # validation sample keys, indexed by the loader's "indices"
+
+
+def per_rank_batch(global_batch: int, world_size: int, name: str) -> int:
+    if global_batch % world_size:
+        raise ValueError(f"{name}={global_batch} is not divisible by the {world_size} processes")
+    return global_batch // world_size
+
+
+def build_data(cfg: Config, env: DistEnv) -> Data:
+    """The trainer's only contact with the data path. Call it before CUDA is touched: DALI's
+    forked workers refuse a process with CUDA initialised."""
+    from . import loader
+
+    root = Path(cfg.data.data_path)
+    device_id = env.device.index if env.device.type == "cuda" else None
+    common = dict(image_size=cfg.data.image_size, rank=env.rank, world_size=env.world_size,
+                  seed=cfg.compute.seed, device_id=device_id, num_classes=cfg.data.num_classes,
+                  class_map=cfg.data.class_map, num_threads=cfg.data.num_threads)
+    label_root = cfg.data.relabel.path if cfg.data.relabel.use else None
+    if cfg.data.relabel.use and not label_root:
+        raise ValueError("data.relabel.use is true but data.relabel.path is empty: point it at the "
+                         "packed label shards (tools/pack_labels.py) or set --data.relabel.use False")
+    train = loader.build_train_loader(
+        root / cfg.data.train_folder, label_root,
+        batch_size=per_rank_batch(cfg.optim.batch_size, env.world_size, "optim.batch_size"),
+        use_relabel=cfg.data.relabel.use, pool_mode=cfg.data.relabel.pool_mode,
+        random_area=(cfg.data.rrc_minimum, 1.0), py_workers=cfg.data.py_workers, **common)
+    val = loader.build_val_loader(
+        root / cfg.data.val_folder,
+        batch_size=per_rank_batch(cfg.util.val_batch_size, env.world_size, "util.val_batch_size"),
+        crop_ratio=cfg.data.crop_ratio, **common)
+    return Data(train, val, list(val.keys))
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Randomness of epoch e on rank r depends on (seed, e, r) only, so a resumed run replays it."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def autocast(device: torch.device, amp: str):
+    if device.type != "cuda" or amp == "none":
+        return contextlib.nullcontext()
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"compute.amp {amp!r} is not one of bf16, fp16, none")
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, dict]:
+    images = batch["images"].to(device, non_blocking=True)
+    if channels_last and device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, batch
+
+
+def cutmix_active(cfg: Config, epoch: int) -> bool:
+    cutmix = cfg.data.cutmix
+    return cutmix.prob > 0 and cutmix.beta > 0 and epoch < cfg.optim.epochs - cutmix.off_epoch
+
+
+# ---- training ------------------------------------------------------------------------------------
+def train_one_epoch(model, loader, optimizer, schedule, scaler, cfg: Config, epoch: int, env: DistEnv,
+                    logger=None) -> dict:
+    """One pass over ``loader``; returns the epoch's mean loss (over all ranks) and throughput."""
+    model.train()
+    torch.manual_seed(epoch_seed(cfg.compute.seed, epoch, env.rank))
+    # CutMix draws its boxes and pairings on the CPU: the same numbers on any device.
+    generator = torch.Generator().manual_seed(epoch_seed(cfg.compute.seed, epoch, env.rank))
+    use_cutmix = cutmix_active(cfg, epoch)
+    if use_cutmix:
+        from .cutmix import cutmix_batch
+    steps = len(loader)
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="it", dynamic_ncols=True,
+               disable=not (env.is_main and cfg.util.progress), leave=False)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+    samples, wait_s = 0, 0.0
+    start = last = time.perf_counter()
+    iterator = iter(loader)
+    for step in range(steps):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            raise RuntimeError(f"train loader ended after {step} of its {steps} batches (epoch {epoch})") from None
+        fetched = time.perf_counter()
+        wait_s += fetched - last
+        images, batch = to_device(batch, env.device, cfg.model.channels_last)
+        targets = batch["targets"].to(env.device, non_blocking=True).float()
+        if use_cutmix:
+            images, targets, _ = cutmix_batch(images, targets, prob=cfg.data.cutmix.prob,
+                                              beta=cfg.data.cutmix.beta, generator=generator)
+        targets = smooth_targets(targets, cfg.optim.label_smoothing)
+        lr = schedule.step()
+        with autocast(env.device, cfg.compute.amp):
+            logits = model(images)
+        loss = soft_target_cross_entropy(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach().double() * images.shape[0]
+        samples += images.shape[0]
+        # Reading the loss synchronises the GPU: only every print_freq steps.
+        if (step + 1) % cfg.util.print_freq == 0 or step + 1 == steps:
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at epoch {epoch}, iteration {step}")
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.3g}", refresh=False)
+            if logger is not None:
+                logger.scalar("train/loss", value, schedule.step_count)
+                logger.scalar("train/lr", lr, schedule.step_count)
+        bar.update(1)
+        last = time.perf_counter()
+    bar.close()
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(samples), dtype=torch.float64,
+                                                                 device=env.device)]))
+    stats = {"loss": float(totals[0] / totals[1].clamp(min=1)),
+             "images_per_s": float(totals[1]) / elapsed,
+             "data_wait_fraction": wait_s / elapsed, "seconds": elapsed}
+    if logger is not None:
+        logger.scalar("perf/images_per_s", stats["images_per_s"], epoch + 1)
+        logger.scalar("perf/data_wait_fraction", stats["data_wait_fraction"], epoch + 1)
+    return stats
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+def build_real(cfg: Config, val_keys: list[str]) -> RealLabels | None:
+    if not cfg.data.real_labels:
+        return None
+    return RealLabels(load_real_labels(cfg.data.real_labels), val_keys)
+
+
+@torch.no_grad()
+def evaluate(model, loader, cfg: Config, env: DistEnv, real: RealLabels | None = None) -> dict:
+    """Top-1/top-5 (and ReaL top-1) over the whole validation set, each image counted once."""
+    model.eval()
+    meter = AccuracyMeter(env.device, real)
+    for batch in tqdm(loader, desc="eval", unit="it", leave=False, dynamic_ncols=True,
+                      disable=not (env.is_main and cfg.util.progress)):
+        images, batch = to_device(batch, env.device, cfg.model.channels_last)
+        with autocast(env.device, cfg.compute.amp):
+            logits = model(images).float()
+        meter.update(logits, batch["labels"], batch.get("indices"), batch.get("valid"))
+    return meter.summary()
+
+
+# ---- logging -------------------------------------------------------------------------------------
+class RunLogger:
+    """TensorBoard scalars, written by rank 0 only; other ranks get a logger that does nothing."""
+
+    def __init__(self, log_dir: str | Path | None):
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()

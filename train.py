@@ -1,0 +1,137 @@
+"""Train (or evaluate) a classifier on ReLabel targets.
+
+    python train.py --config-file-path configs/demo.yaml [--optim.epochs 3 ...] [--resume auto|PATH]
+    torchrun --nproc_per_node=8 train.py --config-file-path configs/relabel_train_resnet50.yaml
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py ...
+
+Exit codes: 0 done, 1 training failed, 2 bad configuration or command line.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from relabel_dali.checkpoint import (BEST_NAME, FORMAT, LAST_NAME, atomic_copy, atomic_torch_save, load_checkpoint,
+                                     load_model_weights, resolve_resume, rng_state, set_rng_state)
+from relabel_dali.config import ConfigError, parse_command_line, save_config, to_plain
+from relabel_dali.distributed import barrier, cleanup, init_distributed
+from relabel_dali.engine import RunLogger, build_data, build_real, evaluate, train_one_epoch
+from relabel_dali.models import build_model, unwrap
+from relabel_dali.optim import build_optimizer, build_schedule
+
+
+def log(env, message: str) -> None:
+    if env.is_main:
+        print(message, flush=True)
+
+
+def prepare_model(cfg, env):
+    torch.manual_seed(cfg.compute.seed)  # identical initial weights on every rank
+    model = build_model(cfg).to(env.device)
+    if cfg.model.channels_last and env.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def test_only(cfg, env, data, model) -> int:
+    if not cfg.util.test_weight_file:
+        raise ConfigError("util.test_only is true but util.test_weight_file is empty")
+    load_model_weights(model, cfg.util.test_weight_file)
+    result = evaluate(model, data.val, cfg, env, build_real(cfg, data.val_keys))
+    log(env, "test " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                 for k, v in result.items()) + f"  ({cfg.util.test_weight_file})")
+    return 0
+
+
+def save(path, model, optimizer, schedule, scaler, cfg, epoch, best_top1, last_metrics) -> None:
+    atomic_torch_save({"format": FORMAT, "epoch": epoch, "model": unwrap(model).state_dict(),
+                       "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                       "scaler": scaler.state_dict(), "best_top1": best_top1, "metrics": last_metrics,
+                       "config": to_plain(cfg), "rng": rng_state(), "arch": cfg.model.arch}, path)
+
+
+def run(cfg, resume) -> int:
+    env = init_distributed(cfg.compute.device, cfg.compute.distributed.backend,
+                           cfg.compute.distributed.timeout_s)
+    data = build_data(cfg, env)  # before anything touches CUDA
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+        torch.backends.cudnn.benchmark = True
+    model = prepare_model(cfg, env)
+    if cfg.util.test_only:
+        return test_only(cfg, env, data, model)
+
+    out_dir = Path(cfg.util.output_dir)
+    optimizer = build_optimizer(cfg, model)
+    schedule = build_schedule(cfg, optimizer, steps_per_epoch=len(data.train))
+    scaler = torch.amp.GradScaler("cuda", enabled=env.device.type == "cuda" and cfg.compute.amp == "fp16")
+    start_epoch, best_top1, metrics = 0, float("-inf"), {}
+    checkpoint_path = resolve_resume(resume, out_dir)
+    if checkpoint_path is not None:
+        state = load_checkpoint(checkpoint_path)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_epoch, best_top1, metrics = state["epoch"], state["best_top1"], state.get("metrics", {})
+        log(env, f"resumed from {checkpoint_path} at epoch {start_epoch}")
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    if env.distributed:
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    logger = RunLogger(out_dir / "tb" if env.is_main and cfg.util.tensorboard else None)
+    real = build_real(cfg, data.val_keys)
+    started = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, cfg.optim.epochs):
+            data.train.set_epoch(epoch)
+            stats = train_one_epoch(model, data.train, optimizer, schedule, scaler, cfg, epoch, env, logger)
+            last = epoch + 1 == cfg.optim.epochs
+            if last or (epoch + 1) % cfg.util.val_every == 0:
+                metrics = evaluate(model, data.val, cfg, env, real)
+                for name in ("top1", "top5", "real_top1"):
+                    if name in metrics:
+                        logger.scalar(f"val/{name}", metrics[name], epoch + 1)
+            improved = metrics.get("top1", float("-inf")) > best_top1
+            best_top1 = max(best_top1, metrics.get("top1", float("-inf")))
+            log(env, f"epoch {epoch + 1}/{cfg.optim.epochs}  loss {stats['loss']:.4f}  "
+                     f"top1 {metrics.get('top1', float('nan')):.2f}  top5 {metrics.get('top5', float('nan')):.2f}  "
+                     f"{stats['images_per_s']:.0f} img/s  data wait {100 * stats['data_wait_fraction']:.0f}%")
+            if env.is_main:
+                save(out_dir / LAST_NAME, model, optimizer, schedule, scaler, cfg, epoch + 1, best_top1, metrics)
+                if improved:
+                    atomic_copy(out_dir / LAST_NAME, out_dir / BEST_NAME)
+            barrier()
+    finally:
+        logger.close()
+    minutes = (time.perf_counter() - started) / 60
+    log(env, f"done in {minutes:.1f} min: best top-1 {best_top1:.2f}%; checkpoints {out_dir / LAST_NAME}, "
+             f"{out_dir / BEST_NAME}; config {out_dir / 'config.yaml'}; TensorBoard logs {out_dir / 'tb'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, resume = parse_command_line(argv)
+    except ConfigError as error:
+        print(f"train.py: {error}", file=sys.stderr)
+        return 2
+    try:
+        return run(cfg, resume)
+    except ConfigError as error:
+        print(f"train.py: {error}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
