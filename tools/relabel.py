@@ -1,0 +1,293 @@
+#!/usr/bin/env python
+"""Annotate an image tree with a classifier's dense top-k label maps, written straight into label shards.
+
+    python tools/relabel.py IMAGE_ROOT OUT [--arch efficientnet-lite0] [--weights FILE] [--size 480]
+        [--topk 5] [--batch-size 32] [--dtype float32|float16|uint8] [--records-per-shard 10000]
+        [--exif] [--write-pt DIR] [--device auto|cpu|cuda] [--no-amp] [--limit N]
+    torchrun --nproc_per_node 8 tools/relabel.py IMAGE_ROOT OUT ...
+
+Every image is decoded with DALI, resized to SIZE x SIZE without cropping, normalized for the
+model and run fully convolutionally (docs/ANNOTATOR.md): a stride-32 network at 480 px gives
+15x15 maps. Per location the top-k raw logits and their class ids are stored in canonical
+[k, y, x] layout, in the same shards and index.json that tools/pack_labels.py writes; --write-pt
+also writes official-layout ``[2, k, x, y]`` files (class ids as floats) under DIR.
+
+Keys are image paths relative to IMAGE_ROOT without extension, in sorted order; shard ``j``
+holds the ``j``-th run of --records-per-shard keys. Under torchrun every rank takes a contiguous
+run of whole shards, so the index keeps the sorted order for any number of processes; rank 0
+writes index.json after all ranks finish. A killed run resumes by running the same command again
+(complete shards are kept, with any number of processes).
+
+Exit codes: 0 done; 1 bad arguments, unreadable image, or settings differing from the run being
+resumed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from relabel_dali import format as fmt
+from relabel_dali.annotator import build_annotator, topk_maps
+from relabel_dali.labelmaps import label_key, to_official
+from relabel_dali.writer import LabelShardWriter, atomic_write_bytes
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+SETTINGS_NAME = "relabel_settings.json"
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("image_root", type=Path, help="image tree (e.g. ImageNet train/)")
+    parser.add_argument("out", type=Path, help="output folder for label shards and index.json")
+    parser.add_argument("--arch", default="efficientnet-lite0",
+                        help="efficientnet-lite0/1/2 or a torchvision classifier name (default efficientnet-lite0)")
+    parser.add_argument("--weights", type=Path, help="state dict file (required for torchvision archs)")
+    parser.add_argument("--size", type=int, default=480, help="square input side in pixels (default 480)")
+    parser.add_argument("--topk", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dtype", choices=sorted(fmt.SCORE_DTYPE_NAMES), default="float16")
+    parser.add_argument("--records-per-shard", type=int, default=10000)
+    parser.add_argument("--exif", action="store_true",
+                        help="rotate images by their EXIF orientation (off: the frame the official maps use)")
+    parser.add_argument("--write-pt", type=Path, metavar="DIR", help="also write official-layout .pt maps here")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--no-amp", action="store_true", help="run in float32 on the GPU")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="DALI and torch CPU threads")
+    parser.add_argument("--limit", type=int, help="annotate only the first N keys (for benchmarks)")
+    args = parser.parse_args(argv)
+    for name in ("size", "topk", "batch_size", "records_per_shard", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be positive, got {args.limit}")
+    return args
+
+
+def find_images(root: Path) -> dict[str, Path]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder does not exist")
+    images: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            key = label_key(path, root)
+            if key in images:
+                raise ValueError(f"{path}: duplicate key {key!r}, already given by {images[key]}")
+            images[key] = path
+    if not images:
+        raise FileNotFoundError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return images
+
+
+def annotation_pipeline(files: list[Path], *, size: int, mean, std, exif: bool, batch_size: int,
+                        device_id: int | None, num_threads: int):
+    """Decode -> resize to size x size (no crop) -> normalize to CHW float, in file order."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    def batches():
+        for start in range(0, len(files), batch_size):
+            yield [np.fromfile(path, dtype=np.uint8) for path in files[start:start + batch_size]]
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, exec_dynamic=True)
+    def pipeline():
+        encoded = fn.external_source(source=batches, batch=True, dtype=types.UINT8, ndim=1, cycle=None)
+        images = fn.decoders.image(encoded, device="cpu" if device_id is None else "mixed",
+                                   output_type=types.RGB, adjust_orientation=exif)
+        images = fn.resize(images, resize_x=size, resize_y=size)
+        return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                        mean=[255 * m for m in mean], std=[255 * s for s in std])
+
+    pipe = pipeline()
+    pipe.build()
+    return pipe
+
+
+def to_torch(batch, device: torch.device) -> torch.Tensor:
+    tensor = batch.as_tensor()
+    if device.type == "cpu":
+        return torch.from_numpy(np.asarray(tensor))
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    out = torch.empty(tensor.shape(), dtype=torch.float32, device=device)
+    feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
+    return out
+
+
+class Annotator:
+    """Runs the model over the pipeline's batches and yields one canonical top-k map per image."""
+
+    def __init__(self, model, *, topk: int, device: torch.device, amp: bool):
+        self.model, self.topk, self.device, self.amp = model, topk, device, amp
+
+    @torch.inference_mode()
+    def maps(self, images: torch.Tensor):
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            dense = self.model(images)
+        scores, class_ids = topk_maps(dense, self.topk)
+        top1 = dense.float().mean((2, 3)).argmax(1)
+        return scores.cpu().numpy(), class_ids.cpu().numpy(), top1.cpu().numpy()
+
+    def run(self, keys: list[str], files: list[Path], pipe_args: dict):
+        """Yields (key, scores [k, h, w], class_ids [k, h, w], global top-1 class)."""
+        pipe = annotation_pipeline(files, **pipe_args)
+        batch_size = pipe_args["batch_size"]
+        for start in range(0, len(files), batch_size):
+            try:
+                (batch,) = pipe.run()
+            except RuntimeError as error:
+                names = ", ".join(str(f) for f in files[start:start + 4 * batch_size])
+                raise RuntimeError(f"decoding failed near images {names}: {str(error).splitlines()[0]}") from None
+            scores, class_ids, top1 = self.maps(to_torch(batch, self.device))
+            for i, key in enumerate(keys[start:start + len(scores)]):
+                yield key, scores[i], class_ids[i], int(top1[i])
+
+
+def map_size(model, size: int, device: torch.device) -> tuple[int, int]:
+    with torch.inference_mode():
+        features = model.features(torch.zeros(1, 3, size, size, device=device))
+    return int(features.shape[2]), int(features.shape[3])
+
+
+def check_settings(out: Path, settings: dict, write: bool) -> None:
+    """A resumed run must use the settings of the run it continues, or the shards would mix."""
+    path = out / SETTINGS_NAME
+    if path.exists():
+        previous = json.loads(path.read_text())
+        changed = sorted(k for k in set(settings) | set(previous) if previous.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(f"{out} was annotated with other settings ({', '.join(changed)} differ); "
+                             "use a fresh output folder or the same arguments")
+    elif write:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
+
+
+def write_pt(root: Path, key: str, scores: np.ndarray, class_ids: np.ndarray) -> None:
+    path = root / f"{key}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(torch.from_numpy(to_official(scores, class_ids)), tmp)
+    os.replace(tmp, path)
+
+
+def class_of_folder(key: str) -> int | None:
+    from relabel_dali import imagenet
+
+    try:
+        return imagenet.index_of(key.split("/")[0])
+    except (KeyError, ModuleNotFoundError):
+        return None
+
+
+def distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; initializes the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return rank, world, local_rank
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def relabel(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    rank, world, local_rank = distributed()
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if not use_cuda:
+        torch.set_num_threads(args.threads)
+
+    images = find_images(args.image_root)
+    keys = sorted(images)[: args.limit]
+    settings = {"arch": args.arch, "weights": str(args.weights) if args.weights else None, "size": args.size,
+                "topk": args.topk, "dtype": args.dtype, "exif": args.exif, "images": len(keys),
+                "records_per_shard": args.records_per_shard, "scores": "logits"}
+    check_settings(args.out, settings, write=rank == 0)
+    barrier(world)
+    check_settings(args.out, settings, write=False)
+
+    model = build_annotator(args.arch, args.weights).to(device)
+    height, width = map_size(model, args.size, device)
+    writer = LabelShardWriter(args.out, k=args.topk, height=height, width=width,
+                              num_classes=model.num_classes, score_dtype=args.dtype)
+    chunks = [keys[i:i + args.records_per_shard] for i in range(0, len(keys), args.records_per_shard)]
+    names = [f"labels-{j:05d}" for j in range(len(chunks))]
+    mine = range(rank * len(chunks) // world, (rank + 1) * len(chunks) // world)
+    todo = [j for j in mine if not writer.shard_done(names[j])]
+    todo_keys = [key for j in todo for key in chunks[j]]
+
+    pipe_args = dict(size=args.size, mean=model.mean, std=model.std, exif=args.exif, batch_size=args.batch_size,
+                     device_id=local_rank if use_cuda else None, num_threads=args.threads)
+    annotator = Annotator(model, topk=args.topk, device=device, amp=use_cuda and not args.no_amp)
+    progress = tqdm(total=len(todo_keys), unit="img", desc=f"annotating (rank {rank})" if world > 1 else "annotating",
+                    disable=None if rank == 0 else True)
+    agree = known = 0
+    annotate_started = time.perf_counter()
+    if todo_keys:
+        stream = annotator.run(todo_keys, [images[key] for key in todo_keys], pipe_args)
+        for j in todo:
+            with writer.shard(names[j]) as shard:
+                for expected_key in chunks[j]:
+                    key, scores, class_ids, top1 = next(stream)
+                    assert key == expected_key
+                    shard.add(key, scores, class_ids)
+                    if args.write_pt is not None:
+                        write_pt(args.write_pt, key, scores, class_ids)
+                    label = class_of_folder(key)
+                    if label is not None:
+                        known += 1
+                        agree += top1 == label
+                    progress.update()
+    progress.close()
+    annotate_seconds = time.perf_counter() - annotate_started
+    barrier(world)
+    if rank == 0:
+        index = writer.finalize(names)
+        rate = len(todo_keys) / max(annotate_seconds, 1e-9)
+        lines = [
+            f"annotated {len(todo_keys)} images on rank 0 ({world} process(es)); {index['records']} records in "
+            f"{len(names)} shards in {args.out} ({len(mine) - len(todo)} of rank 0's shards kept from an earlier run)",
+            f"  model: {args.arch} at {args.size}x{args.size} px -> {height}x{width} maps, top-{args.topk} raw logits, "
+            f"{args.dtype} on {device}" + (" with AMP" if annotator.amp else ""),
+            f"  speed: {rate:.1f} images/s on rank 0 "
+            f"({len(todo_keys)} images in {annotate_seconds:.1f} s; {time.perf_counter() - started:.1f} s in all)",
+        ]
+        if known:
+            lines.append(f"  global top-1 equals the folder's ImageNet class for {agree}/{known} images "
+                         f"({100 * agree / known:.1f} %)")
+        if args.write_pt is not None:
+            lines.append(f"  official-layout .pt maps in {args.write_pt}")
+        print("\n".join(lines))
+    barrier(world)
+    return EXIT_OK
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return relabel(args)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
