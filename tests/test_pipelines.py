@@ -1,0 +1,165 @@
+"""The DALI graphs, CPU-only: crop boxes against the pixels decoded, pooled and one-hot targets,
+decoding of awkward files, the validation resize/centre crop."""
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_sources import K, NUM_CLASSES, encode, gradient_image, make_dataset
+
+from pipelines.training import training_pipeline
+from pipelines.validation import validation_pipeline
+from relabel_dali import LabelShardReader, augment
+from relabel_dali.sources import SampleSource
+
+MEAN = np.array(augment.IMAGENET_MEAN, np.float32)[:, None, None] * 255
+STD = np.array(augment.IMAGENET_STD, np.float32)[:, None, None] * 255
+HAVE_LABEL_POOL = importlib.util.find_spec("relabel_dali.ops") is not None
+
+
+def run_epoch(pipe, names):
+    """All batches of one epoch as numpy arrays, concatenated per output."""
+    pipe.build()
+    out = {name: [] for name in names}
+    try:
+        while True:
+            for name, batch in zip(names, pipe.run()):
+                out[name].extend(np.array(batch[i]) for i in range(len(batch)))
+    except StopIteration:
+        pass
+    return {name: np.stack(values) for name, values in out.items()}
+
+
+def pixels(images):
+    """Undo normalization: [B, 3, S, S] back to 0..255 (no lighting noise in these tests)."""
+    return images.astype(np.float32) * STD + MEAN
+
+
+def plain(source, **kwargs):
+    settings = dict(batch_size=4, num_threads=1, device_id=None, seed=7, image_size=32, use_relabel=False,
+                    num_classes=NUM_CLASSES, color_jitter=0.0, lighting_std=0.0, flip=False, py_workers=0)
+    settings.update(kwargs)
+    return training_pipeline(source, **settings)
+
+
+NAMES = ("images", "boxes", "targets", "labels", "indices")
+
+
+class TestCropBoxes:
+    @pytest.mark.parametrize("flip", [False, True])
+    @pytest.mark.parametrize("dtype", ["float32", "float16"])
+    def test_boxes_are_the_decoded_crop(self, tmp_path, flip, dtype):
+        image_root, _, keys = make_dataset(tmp_path, classes=2, per_class=6, labels=False)
+        source = SampleSource(image_root, batch_size=4, seed=1)
+        out = run_epoch(plain(source, flip=flip, dtype=dtype), NAMES)
+        assert out["images"].dtype == np.dtype(dtype) and out["images"].shape == (12, 3, 32, 32)
+        flips = 0
+        for image, box, index in zip(pixels(out["images"]), out["boxes"], out["indices"]):
+            h, w = np.array(Image.open(image_root / (keys[index] + ".JPEG"))).shape[:2]
+            assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
+            # R = x and G = y in the source image: a resized crop of a ramp is a ramp whose
+            # intercept and slope give the crop's first pixel and its extent.
+            cols, rows = image[0].mean(axis=0), image[1].mean(axis=1)
+            if flip and cols[-1] < cols[0]:
+                cols, flips = cols[::-1], flips + 1
+            for ramp, (lo, hi), extent in ((cols, box[0::2], w), (rows, box[1::2], h)):
+                j = np.arange(2, 30)
+                slope, intercept = np.polyfit(j, ramp[2:30], 1)
+                size = slope * 32
+                start = intercept + 0.5 - 0.5 * slope
+                assert abs(start - lo * extent) < 0.75
+                assert abs(size - (hi - lo) * extent) < 0.75
+        assert (0 < flips < 12) if flip else flips == 0
+
+    def test_area_and_ratio_ranges_hold(self, tmp_path):
+        image_root, _, _ = make_dataset(tmp_path, classes=2, per_class=6, labels=False, size=(200, 200))
+        source = SampleSource(image_root, batch_size=4, seed=2)
+        out = run_epoch(plain(source, random_area=(0.25, 0.5), random_aspect_ratio=(0.5, 2.0)), NAMES)
+        boxes = out["boxes"].astype(np.float64)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        assert np.all((area > 0.23) & (area < 0.52))
+
+
+class TestTargets:
+    def test_one_hot_without_relabel(self, tmp_path):
+        image_root, _, _ = make_dataset(tmp_path, labels=False)
+        source = SampleSource(image_root, batch_size=4, seed=0)
+        out = run_epoch(plain(source), NAMES)
+        expected = np.eye(NUM_CLASSES, dtype=np.float32)[out["labels"]]
+        assert np.array_equal(out["targets"], expected)
+        assert sorted(out["indices"].tolist()) == list(range(8))
+
+    @pytest.mark.skipif(not HAVE_LABEL_POOL, reason="relabel_dali.ops (the LabelPool operator) is not in the tree")
+    @pytest.mark.parametrize("score_dtype", ["float32", "float16", "uint8"])
+    @pytest.mark.parametrize("mode", ["softmax", "argmax"])
+    def test_soft_targets_are_pool_labels_of_the_box(self, tmp_path, score_dtype, mode):
+        from relabel_dali.pooling import pool_labels
+
+        image_root, label_root, keys = make_dataset(tmp_path, score_dtype=score_dtype)
+        source = SampleSource(image_root, label_root, batch_size=4, seed=0)
+        out = run_epoch(plain(source, use_relabel=True, pool_mode=mode), NAMES)
+        reader = LabelShardReader(label_root)
+        for target, box, index in zip(out["targets"], out["boxes"], out["indices"]):
+            record = reader.record(keys[index])
+            expected = pool_labels(torch.from_numpy(np.array(record.scores)),
+                                   torch.from_numpy(record.class_ids.astype(np.int64)),
+                                   torch.from_numpy(box), NUM_CLASSES, mode, record.scale, record.offset)
+            np.testing.assert_allclose(target, expected.numpy().reshape(-1), rtol=1e-5, atol=1e-6)
+            assert target.shape == (NUM_CLASSES,) and abs(target.sum() - 1) < 1e-5
+
+    def test_relabel_needs_label_shards(self, tmp_path):
+        image_root, _, _ = make_dataset(tmp_path, labels=False)
+        source = SampleSource(image_root, batch_size=4)
+        with pytest.raises(ValueError, match="use_relabel=True needs a source with label shards"):
+            plain(source, use_relabel=True)
+
+    @pytest.mark.parametrize("argument,value,message", [
+        ("dtype", "int8", "dtype 'int8'"), ("pool_mode", "mean", "pool_mode 'mean'")])
+    def test_bad_arguments(self, tmp_path, argument, value, message):
+        image_root, _, _ = make_dataset(tmp_path, labels=False)
+        with pytest.raises(ValueError, match=message):
+            plain(SampleSource(image_root, batch_size=4), **{argument: value})
+
+
+class TestAwkwardFiles:
+    @pytest.mark.parametrize("fmt,mode,name", [("JPEG", "CMYK", "cmyk.JPEG"), ("PNG", "RGB", "png.JPEG"),
+                                               ("JPEG", "L", "grey.JPEG"), ("JPEG", "RGB", "plain.JPEG")])
+    def test_decodes_like_pil(self, tmp_path, fmt, mode, name):
+        rng = np.random.default_rng(0)
+        smooth = np.array(Image.fromarray(rng.integers(0, 255, (8, 8, 3), np.uint8)).resize((64, 64), Image.BILINEAR))
+        (tmp_path / "c0").mkdir()
+        (tmp_path / "c0" / name).write_bytes(encode(smooth, fmt, mode))
+        reference = np.array(Image.open(tmp_path / "c0" / name).convert("RGB"), np.float32).transpose(2, 0, 1)
+        source = SampleSource(tmp_path, batch_size=1)
+        out = run_epoch(plain(source, batch_size=1, image_size=64, random_area=(1, 1),
+                              random_aspect_ratio=(1, 1)), NAMES)
+        assert np.allclose(out["boxes"][0], [0, 0, 1, 1])
+        assert np.abs(pixels(out["images"])[0] - reference).max() < 1.5
+
+
+class TestValidation:
+    # Sizes whose resized margins are even: centring a crop in an odd margin rounds differently
+    # in DALI and torchvision (half a pixel either way).
+    @pytest.mark.parametrize("size", [(48, 72), (80, 40)])
+    def test_resize_shorter_and_centre_crop(self, tmp_path, size):
+        from torchvision import transforms
+
+        image_root, _, keys = make_dataset(tmp_path, classes=1, per_class=1, labels=False, size=size)
+        source = SampleSource(image_root, batch_size=2, shuffle=False, remainder="mask")
+        pipe = validation_pipeline(source, batch_size=2, num_threads=1, device_id=None, image_size=28,
+                                   py_workers=0)
+        out = run_epoch(pipe, ("images", "labels", "indices"))
+        assert out["indices"].tolist() == [0, -1] and out["labels"].tolist() == [0, -1]
+        reference = transforms.Compose([transforms.Resize(int(np.ceil(28 / 0.875))), transforms.CenterCrop(28)])
+        for image, index in zip(pixels(out["images"][:1]), out["indices"][:1]):
+            expected = np.array(reference(Image.open(image_root / (keys[index] + ".JPEG")).convert("RGB")),
+                                np.float32).transpose(2, 0, 1)
+            # Resize filters differ a little at the borders; the interior of a ramp must agree.
+            assert np.abs(image - expected)[:, 2:-2, 2:-2].max() < 2.5
+
+    def test_bad_crop_ratio(self, tmp_path):
+        image_root, _, _ = make_dataset(tmp_path, labels=False)
+        with pytest.raises(ValueError, match="crop_ratio must be in"):
+            validation_pipeline(SampleSource(image_root, batch_size=2), batch_size=2, num_threads=1,
+                                device_id=None, crop_ratio=1.5)
