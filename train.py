@@ -91,8 +91,7 @@ def run(cfg, resume) -> int:
     started = time.perf_counter()
     try:
         for epoch in range(start_epoch, cfg.optim.epochs):
-            data.train.set_epoch(epoch)
-            stats = train_one_epoch(model, data.train, optimizer, schedule, scaler, cfg, epoch, env, logger)
+            stats = train_one_epoch(model, data.train.epoch(epoch), optimizer, schedule, scaler, cfg, epoch, env, logger)
             last = epoch + 1 == cfg.optim.epochs
             if last or (epoch + 1) % cfg.util.val_every == 0:
                 metrics = evaluate(model, data.val, cfg, env, real)
@@ -111,8 +110,8 @@ def run(cfg, resume) -> int:
             barrier()
     finally:
         logger.close()
-    minutes = (time.perf_counter() - started) / 60
-    log(env, f"done in {minutes:.1f} min: best top-1 {best_top1:.2f}%; checkpoints {out_dir / LAST_NAME}, "
+    elapsed = time.perf_counter() - started
+    log(env, f"done in {elapsed / 60:.1f} min ({elapsed:.0f} s): best top-1 {best_top1:.2f}%; checkpoints {out_dir / LAST_NAME}, "
              f"{out_dir / BEST_NAME}; config {out_dir / 'config.yaml'}; TensorBoard logs {out_dir / 'tb'}")
     return 0
 

@@ -23,11 +23,36 @@ from .metrics import AccuracyMeter, RealLabels, load_real_labels
 
 
 # ---- data --------------------------------------------------------------------------------------
+class TrainData:
+    """The training loader, one epoch at a time.
+
+    DALI's random operators are seeded when a pipeline is built. With ``reseed_per_epoch`` the
+    pipeline is rebuilt for every epoch with ``start_epoch=epoch``, so crops, flips and colour
+    jitter of epoch e depend on (seed, rank, e) only and a resumed run replays them exactly;
+    without it one pipeline runs on and only the sample order is replayed after a resume.
+    """
+
+    def __init__(self, factory, reseed_per_epoch: bool):
+        self.factory, self.reseed_per_epoch = factory, reseed_per_epoch
+        self.loader = factory(0)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int):
+        if self.reseed_per_epoch and (epoch != 0 or self.loader.epoch != 0):
+            self.loader = None  # its pipeline and workers go before new ones start
+            self.loader = self.factory(epoch)
+        else:
+            self.loader.set_epoch(epoch)
+        return self.loader
+
+
 @dataclass
 class Data:
-    train: object  # iterable of dicts with len() and set_epoch(epoch)
-    val: object
-    val_keys: list[str]  # validation sample keys, indexed by the loader's "indices"
+    train: TrainData
+    val: object  # iterable of dicts {"images", "labels", "indices", "valid"}
+    val_keys: list[str]  # validation sample keys, indexed by the batches' "indices"
 
 
 def per_rank_batch(global_batch: int, world_size: int, name: str) -> int:
@@ -36,30 +61,46 @@ def per_rank_batch(global_batch: int, world_size: int, name: str) -> int:
     return global_batch // world_size
 
 
+def resolve_class_map(class_map: str):
+    """'imagenet': folders are WordNet ids, mapped to their ImageNet-1k index."""
+    if class_map == "imagenet":
+        from .imagenet import wnids
+
+        return {wnid: index for index, wnid in enumerate(wnids())}
+    return class_map
+
+
 def build_data(cfg: Config, env: DistEnv) -> Data:
     """The trainer's only contact with the data path. Call it before CUDA is touched: DALI's
     forked workers refuse a process with CUDA initialised."""
+    from functools import partial
+
     from . import loader
 
     root = Path(cfg.data.data_path)
-    device_id = env.device.index if env.device.type == "cuda" else None
-    common = dict(image_size=cfg.data.image_size, rank=env.rank, world_size=env.world_size,
-                  seed=cfg.compute.seed, device_id=device_id, num_classes=cfg.data.num_classes,
-                  class_map=cfg.data.class_map, num_threads=cfg.data.num_threads)
-    label_root = cfg.data.relabel.path if cfg.data.relabel.use else None
-    if cfg.data.relabel.use and not label_root:
+    device = str(env.device) if env.device.type == "cuda" else "cpu"
+    common = dict(image_size=cfg.data.image_size, rank=env.rank, world_size=env.world_size, device=device,
+                  class_map=resolve_class_map(cfg.data.class_map), num_threads=cfg.data.num_threads,
+                  py_workers=cfg.data.py_workers, start_method=cfg.data.start_method)
+    use_relabel = cfg.data.relabel.use
+    if use_relabel and not cfg.data.relabel.path:
         raise ValueError("data.relabel.use is true but data.relabel.path is empty: point it at the "
                          "packed label shards (tools/pack_labels.py) or set --data.relabel.use False")
-    train = loader.build_train_loader(
-        root / cfg.data.train_folder, label_root,
+    if cfg.data.reseed_per_epoch and env.device.type == "cuda" and cfg.data.start_method == "fork":
+        raise ValueError("data.reseed_per_epoch rebuilds the pipeline every epoch, after CUDA is "
+                         "initialised, where DALI cannot fork: set --data.start_method spawn")
+    train_factory = partial(
+        loader.build_train_loader, root / cfg.data.train_folder,
+        cfg.data.relabel.path if use_relabel else None,
         batch_size=per_rank_batch(cfg.optim.batch_size, env.world_size, "optim.batch_size"),
-        use_relabel=cfg.data.relabel.use, pool_mode=cfg.data.relabel.pool_mode,
-        random_area=(cfg.data.rrc_minimum, 1.0), py_workers=cfg.data.py_workers, **common)
+        seed=cfg.compute.seed, use_relabel=use_relabel, pool_mode=cfg.data.relabel.pool_mode,
+        num_classes=cfg.data.num_classes, random_area=(cfg.data.rrc_minimum, 1.0), **common)
+    train = TrainData(lambda epoch: train_factory(start_epoch=epoch), cfg.data.reseed_per_epoch)
     val = loader.build_val_loader(
         root / cfg.data.val_folder,
         batch_size=per_rank_batch(cfg.util.val_batch_size, env.world_size, "util.val_batch_size"),
         crop_ratio=cfg.data.crop_ratio, **common)
-    return Data(train, val, list(val.keys))
+    return Data(train, val, list(val.source.keys))
 
 
 # ---- helpers -------------------------------------------------------------------------------------
