@@ -1,0 +1,144 @@
+"""The PyTorch loaders, CPU-only with parallel workers: batch dicts, epoch coverage over ranks,
+set_epoch, validation masking, bad samples."""
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from test_sources import NUM_CLASSES, make_dataset
+
+from relabel_dali.loader import build_train_loader, build_val_loader
+from relabel_dali.sources import BadSampleError
+
+HAVE_LABEL_POOL = importlib.util.find_spec("relabel_dali.ops") is not None
+COMMON = dict(image_size=32, num_classes=NUM_CLASSES, num_threads=1, py_workers=1)
+
+
+def indices_of_epoch(loader):
+    return torch.cat([batch["indices"] for batch in loader]).tolist()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("loader"), classes=3, per_class=4)  # 12 samples
+
+
+class TestTrainLoader:
+    @pytest.mark.parametrize("dtype", ["float32", "float16"])
+    def test_batch_dict(self, dataset, dtype):
+        image_root, _, _ = dataset
+        loader = build_train_loader(image_root, batch_size=4, use_relabel=False, dtype=dtype, **COMMON)
+        assert len(loader) == 3
+        batches = list(loader)
+        assert len(batches) == 3
+        batch = batches[0]
+        assert batch["images"].shape == (4, 3, 32, 32) and batch["images"].dtype == getattr(torch, dtype)
+        assert batch["targets"].shape == (4, NUM_CLASSES) and batch["targets"].dtype == torch.float32
+        assert batch["boxes"].shape == (4, 4) and batch["boxes"].dtype == torch.float32
+        assert batch["labels"].dtype == batch["indices"].dtype == torch.int64
+        assert torch.equal(batch["targets"], torch.nn.functional.one_hot(batch["labels"], NUM_CLASSES).float())
+
+    @pytest.mark.parametrize("world_size,batch_size", [(2, 3), (2, 2), (3, 4)])
+    def test_ranks_cover_every_sample_exactly_once(self, dataset, world_size, batch_size):
+        image_root, _, _ = dataset
+        seen = []
+        for rank in range(world_size):
+            loader = build_train_loader(image_root, batch_size=batch_size, rank=rank, world_size=world_size,
+                                        seed=5, use_relabel=False, **COMMON)
+            assert len(loader) == 12 // (world_size * batch_size)
+            seen += indices_of_epoch(loader)
+        assert sorted(seen) == list(range(12))
+
+    def test_orders_differ_between_epochs_and_repeat_for_a_seed(self, dataset):
+        image_root, _, _ = dataset
+        loader = build_train_loader(image_root, batch_size=4, seed=11, use_relabel=False, **COMMON)
+        epochs = [indices_of_epoch(loader) for _ in range(3)]
+        assert loader.epoch == 3
+        assert len({tuple(e) for e in epochs}) == 3 and all(sorted(e) == list(range(12)) for e in epochs)
+        again = build_train_loader(image_root, batch_size=4, seed=11, use_relabel=False, **COMMON)
+        assert indices_of_epoch(again) == epochs[0]
+        other = build_train_loader(image_root, batch_size=4, seed=12, use_relabel=False, **COMMON)
+        assert indices_of_epoch(other) != epochs[0]
+        # Resuming at an epoch boundary, by set_epoch or by start_epoch, replays that epoch's order.
+        again.set_epoch(2)
+        assert indices_of_epoch(again) == epochs[2] and again.epoch == 3
+        resumed = build_train_loader(image_root, batch_size=4, seed=11, use_relabel=False, start_epoch=1, **COMMON)
+        assert indices_of_epoch(resumed) == epochs[1]
+
+    def test_abandoned_epoch_restarts_cleanly(self, dataset):
+        image_root, _, _ = dataset
+        loader = build_train_loader(image_root, batch_size=4, seed=2, use_relabel=False, **COMMON)
+        full = indices_of_epoch(loader)
+        loader.set_epoch(0)
+        next(iter(loader))
+        loader.set_epoch(0)
+        assert indices_of_epoch(loader) == full
+
+    def test_pad_policy_with_a_remainder(self, dataset):
+        image_root, _, _ = dataset
+        loader = build_train_loader(image_root, batch_size=5, use_relabel=False, **COMMON)
+        seen = indices_of_epoch(loader)
+        assert len(seen) == 15 and set(seen) == set(range(12))
+
+    @pytest.mark.skipif(not HAVE_LABEL_POOL, reason="relabel_dali.ops (the LabelPool operator) is not in the tree")
+    def test_soft_targets(self, dataset):
+        image_root, label_root, _ = dataset
+        loader = build_train_loader(image_root, label_root, batch_size=4, use_relabel=True, **COMMON)
+        for batch in loader:
+            assert torch.allclose(batch["targets"].sum(1), torch.ones(4), atol=1e-5)
+            assert not torch.equal(batch["targets"], torch.nn.functional.one_hot(batch["labels"], NUM_CLASSES).float())
+
+    def test_bad_arguments(self, dataset):
+        image_root, label_root, _ = dataset
+        with pytest.raises(ValueError, match="use_relabel=True needs label_root"):
+            build_train_loader(image_root, batch_size=4, use_relabel=True, **COMMON)
+        with pytest.raises(ValueError, match="label maps cover 16 classes, num_classes is 1000"):
+            build_train_loader(image_root, label_root, batch_size=4, **{**COMMON, "num_classes": 1000})
+        with pytest.raises(ValueError, match="class_map gives index 2, outside num_classes=2"):
+            build_train_loader(image_root, batch_size=4, use_relabel=False, **{**COMMON, "num_classes": 2})
+        with pytest.raises(ValueError, match="device mps: expected 'cpu' or 'cuda"):
+            build_train_loader(image_root, batch_size=4, use_relabel=False, device="mps", **COMMON)
+
+
+class TestBadSamples:
+    def test_truncated_image_fails_naming_the_file(self, tmp_path):
+        image_root, _, _ = make_dataset(tmp_path, labels=False)
+        bad = image_root / "c1" / "img0.JPEG"
+        bad.write_bytes(bad.read_bytes()[:150])
+        loader = build_train_loader(image_root, batch_size=4, use_relabel=False, **COMMON)
+        with pytest.raises(Exception, match=r"c1/img0.JPEG: truncated JPEG"):
+            list(loader)
+
+    @pytest.mark.parametrize("world_size", [1, 2])
+    def test_skip_keeps_epoch_length_and_counts(self, tmp_path, world_size):
+        image_root, _, _ = make_dataset(tmp_path, labels=False)
+        (image_root / "c0" / "img3.JPEG").write_bytes(b"")
+        lengths, substituted, seen = set(), 0, []
+        for rank in range(world_size):
+            loader = build_train_loader(image_root, batch_size=2, rank=rank, world_size=world_size,
+                                        use_relabel=False, on_bad_sample="skip", **COMMON)
+            indices = indices_of_epoch(loader)
+            lengths.add(len(indices))
+            substituted += loader.substituted
+            seen += indices
+        assert lengths == {8 // world_size} and substituted == 1
+        assert 3 not in seen and seen.count(4) == 2  # sample 4 stood in for the empty sample 3
+
+
+class TestValLoader:
+    @pytest.mark.parametrize("world_size,batch_size", [(1, 5), (2, 4), (3, 2)])
+    def test_every_sample_once_with_a_mask(self, dataset, world_size, batch_size):
+        image_root, _, _ = dataset
+        seen, lengths = [], set()
+        for rank in range(world_size):
+            loader = build_val_loader(image_root, batch_size=batch_size, rank=rank, world_size=world_size,
+                                      image_size=32, num_threads=1, py_workers=1)
+            batches = list(loader)
+            lengths.add(len(batches))
+            assert len(batches) == len(loader)
+            for batch in batches:
+                assert set(batch) == {"images", "labels", "indices", "valid"}
+                assert torch.equal(batch["valid"], batch["indices"] >= 0)
+                assert torch.all(batch["labels"][~batch["valid"]] == -1)
+                seen += batch["indices"][batch["valid"]].tolist()
+        assert len(lengths) == 1 and sorted(seen) == list(range(12))
