@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Find every sample training would trip over, before training.
+
+    python tools/check_dataset.py IMAGE_ROOT [--labels DIR] [--class-map FILE] [--json out.json]
+
+Fully decodes each image (a truncated file, a non-image, an unreadable one is a problem; a CMYK
+JPEG or a PNG named .JPEG decodes and is only noted), and with ``--labels`` matches images to
+label records both ways and verifies every record checksum. Exit code 0: no problems; 1: problems
+found (listed, and written to ``--json``); 2: the dataset could not be read at all.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from relabel_dali import FormatError, LabelShardReader
+from relabel_dali.sources import encoded_problem, list_images
+from relabel_dali.writer import atomic_write_bytes
+
+
+def check_image(path: Path) -> tuple[str | None, str | None]:
+    """(problem, note) for one file; a note is something that decodes fine but is unusual."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        return f"unreadable ({error.strerror})", None
+    problem = encoded_problem(data)
+    if problem:
+        return problem, None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                fmt, mode = image.format, image.mode
+    except Exception as error:  # PIL raises many types for broken files
+        return f"does not decode ({type(error).__name__}: {error})", None
+    notes = []
+    if fmt and path.suffix.lower() in (".jpeg", ".jpg") and fmt != "JPEG":
+        notes.append(f"{fmt} file named {path.suffix}")
+    if mode not in ("RGB", "L"):
+        notes.append(f"{mode} colour mode")
+    return None, "; ".join(notes) or None
+
+
+def check(image_root, label_root=None, *, class_map="folder") -> dict:
+    listing = list_images(image_root, class_map=class_map)
+    report = {"image_root": str(image_root), "label_root": None if label_root is None else str(label_root),
+              "images": len(listing), "problems": [], "notes": []}
+    for rel in tqdm(listing.paths, desc="decoding images", unit="img", disable=None):
+        problem, note = check_image(listing.root / rel)
+        if problem:
+            report["problems"].append({"file": rel, "kind": "bad image", "detail": problem})
+        if note:
+            report["notes"].append({"file": rel, "detail": note})
+    if label_root is not None:
+        reader = LabelShardReader(label_root)
+        keys = set(reader.keys or [])
+        report["records"] = len(reader)
+        for rel, key in zip(listing.paths, listing.keys):
+            if key not in keys:
+                report["problems"].append({"file": rel, "kind": "no label record", "detail": f"key {key!r}"})
+        for key in sorted(keys - set(listing.keys)):
+            report["problems"].append({"file": key, "kind": "label record without image", "detail": f"key {key!r}"})
+        try:
+            reader.verify()
+        except FormatError as error:
+            report["problems"].append({"file": str(label_root), "kind": "corrupt label shard", "detail": str(error)})
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("image_root", type=Path)
+    parser.add_argument("--labels", type=Path, help="packed label shard folder (with index.json)")
+    parser.add_argument("--class-map", default="folder", help="'folder' or a JSON of wnid -> index")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    args = parser.parse_args(argv)
+    try:
+        report = check(args.image_root, args.labels, class_map=args.class_map)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for item in report["problems"]:
+        print(f"PROBLEM {item['kind']}: {item['file']}: {item['detail']}")
+    for item in report["notes"]:
+        print(f"note: {item['file']}: {item['detail']} (decodes)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(args.json, (json.dumps(report, indent=1) + "\n").encode())
+    print(f"{report['images']} images, {report.get('records', 0)} label records: "
+          f"{len(report['problems'])} problem(s), {len(report['notes'])} note(s)")
+    return 1 if report["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
