@@ -1,0 +1,80 @@
+// LabelPool schema, CPU backend and registration (python: nvidia.dali.fn.label_pool).
+#include "label_pool.h"
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+namespace dali {
+
+DALI_SCHEMA(LabelPool)
+    .DocStr(R"(Pools top-k label maps over crop boxes into per-sample class targets (ReLabel's LabelPooling).
+
+Inputs: ``scores`` [k, H, W] float32, float16 or uint8 (value = offset + scale * q); ``class_ids``
+[k, H, W] uint16 in canonical [k, y, x] layout; ``boxes`` [4] float32 (x0, y0, x1, y1) normalized to the
+whole image, always on the CPU. Output: [num_classes] float32.
+
+``mode="softmax"`` RoIAligns the dense map over the box to 1x1 (torchvision semantics, aligned=False,
+sampling_ratio=-1, roi = box * size - 0.5) and takes a softmax over all classes, absent ones scoring 0;
+``argmax`` gives the one-hot of that pooled vector's argmax (lowest class id on ties); ``global_softmax``
+and ``global_argmax`` use the mean over the whole map and ignore the box.)")
+    .NumInput(3)
+    .NumOutput(1)
+    .InputDevice(2, InputDevice::CPU)
+    .AddOptionalArg("num_classes", "Length of the output class vector; class ids must be below it.", 1000)
+    .AddOptionalArg("mode", "softmax, argmax, global_softmax or global_argmax.", std::string("softmax"))
+    .AddOptionalArg("scale", "Per-sample dequantization scale for uint8 scores.", 1.0f, true)
+    .AddOptionalArg("offset", "Per-sample dequantization offset for uint8 scores.", 0.0f, true);
+
+}  // namespace dali
+
+namespace relabel_dali {
+
+template <>
+void LabelPool<dali::CPUBackend>::RunImpl(dali::Workspace &ws) {
+  const auto &scores = ws.Input<dali::CPUBackend>(0);
+  const auto &class_ids = ws.Input<dali::CPUBackend>(1);
+  const auto &boxes = ws.Input<dali::CPUBackend>(2);
+  auto &output = ws.Output<dali::CPUBackend>(0);
+  auto &pool = ws.GetThreadPool();
+  const int n = scores.num_samples();
+
+  // One scratch per pool thread, sized for the largest map of the batch.
+  int max_h = 1, max_w = 1;
+  for (int i = 0; i < n; ++i) {
+    max_h = std::max<int>(max_h, scores.shape().tensor_shape_span(i)[1]);
+    max_w = std::max<int>(max_w, scores.shape().tensor_shape_span(i)[2]);
+  }
+  const int threads = pool.NumThreads();
+  scratch_.resize(threads);
+  for (auto &s : scratch_) s.Reserve(max_h, max_w, num_classes_);
+
+  std::vector<std::string> errors(n);
+  for (int i = 0; i < n; ++i) {
+    pool.AddWork([&, i](int thread) {
+      const auto shape = scores.shape().tensor_shape_span(i);
+      const int k = shape[0], h = shape[1], w = shape[2];
+      const auto *ids = static_cast<const uint16_t *>(class_ids.raw_tensor(i));
+      const size_t entries = static_cast<size_t>(k) * h * w;
+      const long long bad = first_bad_class_id(ids, entries, num_classes_);
+      if (bad >= 0) {
+        errors[i] = dali::make_string("LabelPool: sample ", i, ": class id ", ids[bad], " at [k, y, x] = [",
+                                      bad / (h * w), ", ", (bad / w) % h, ", ", bad % w, "] is >= num_classes ",
+                                      num_classes_);
+        return;
+      }
+      const SampleView sample{scores.raw_tensor(i), score_type_, ids, k, h, w,
+                              static_cast<const float *>(boxes.raw_tensor(i)), scale_[i].data[0], offset_[i].data[0]};
+      pool_sample_host(sample, num_classes_, mode_, static_cast<float *>(output.raw_mutable_tensor(i)),
+                       scratch_[thread].view);
+    }, -i);
+  }
+  pool.RunAll();
+  for (const auto &error : errors) DALI_ENFORCE(error.empty(), error);
+}
+
+}  // namespace relabel_dali
+
+namespace dali {
+DALI_REGISTER_OPERATOR(LabelPool, ::relabel_dali::LabelPool<CPUBackend>, CPU);
+}  // namespace dali

@@ -1,0 +1,92 @@
+// LabelPool DALI operator: pools top-k label maps over crop boxes into [num_classes] targets.
+// The math is in label_pool_math.h; this file declares the operator and its shared input checks.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "dali/pipeline/operator/arg_helper.h"
+#include "dali/pipeline/operator/operator.h"
+#include "label_pool_math.h"
+
+namespace relabel_dali {
+
+inline int parse_pool_mode(const std::string &mode) {
+  if (mode == "softmax") return kSoftmax;
+  if (mode == "argmax") return kArgmax;
+  if (mode == "global_softmax") return kGlobalSoftmax;
+  if (mode == "global_argmax") return kGlobalArgmax;
+  DALI_FAIL(dali::make_string("LabelPool: mode \"", mode,
+                              "\" is not one of softmax, argmax, global_softmax, global_argmax"));
+}
+
+template <typename Backend>
+class LabelPool : public dali::Operator<Backend> {
+ public:
+  explicit LabelPool(const dali::OpSpec &spec)
+      : dali::Operator<Backend>(spec),
+        num_classes_(spec.GetArgument<int>("num_classes")),
+        mode_(parse_pool_mode(spec.GetArgument<std::string>("mode"))),
+        scale_("scale", spec),
+        offset_("offset", spec) {
+    DALI_ENFORCE(num_classes_ >= 1 && num_classes_ <= 65536,
+                 dali::make_string("LabelPool: num_classes = ", num_classes_, ", expected 1..65536 (uint16 ids)"));
+  }
+
+ protected:
+  bool SetupImpl(std::vector<dali::OutputDesc> &output_desc, const dali::Workspace &ws) override {
+    const auto &score_shape = ws.GetInputShape(0);
+    const auto &id_shape = ws.GetInputShape(1);
+    const int n = score_shape.num_samples();
+    score_type_ = ScoreTypeOf(ws.GetInputDataType(0));
+    DALI_ENFORCE(ws.GetInputDataType(1) == DALI_UINT16,
+                 dali::make_string("LabelPool: class_ids (input 1) must be uint16, got ", ws.GetInputDataType(1)));
+    DALI_ENFORCE(ws.GetInputDataType(2) == DALI_FLOAT,
+                 dali::make_string("LabelPool: boxes (input 2) must be float32, got ", ws.GetInputDataType(2)));
+    DALI_ENFORCE(score_shape.sample_dim() == 3,
+                 dali::make_string("LabelPool: scores (input 0) must be [k, H, W], got ", score_shape.sample_dim(),
+                                   " dimensions"));
+    const auto &boxes = ws.template Input<dali::CPUBackend>(2);
+    for (int i = 0; i < n; ++i) {
+      const auto shape = score_shape.tensor_shape(i);
+      DALI_ENFORCE(id_shape.tensor_shape(i) == shape,
+                   dali::make_string("LabelPool: sample ", i, ": class_ids shape ", id_shape.tensor_shape(i),
+                                     " differs from scores shape ", shape));
+      DALI_ENFORCE(shape[0] >= 1 && shape[1] >= 1 && shape[2] >= 1,
+                   dali::make_string("LabelPool: sample ", i, ": empty label map ", shape));
+      const auto box_shape = boxes.shape().tensor_shape(i);
+      DALI_ENFORCE(box_shape.size() == 1 && box_shape[0] == 4,
+                   dali::make_string("LabelPool: sample ", i, ": box shape ", box_shape, ", expected [4]"));
+      if (!is_global(mode_)) {
+        const float *box = static_cast<const float *>(boxes.raw_tensor(i));
+        if (const char *problem = box_problem(box))
+          DALI_FAIL(dali::make_string("LabelPool: sample ", i, ": box (x0, y0, x1, y1) = (", box[0], ", ", box[1],
+                                      ", ", box[2], ", ", box[3], ") ", problem,
+                                      "; boxes must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"));
+      }
+    }
+    scale_.Acquire(this->spec_, ws, n);
+    offset_.Acquire(this->spec_, ws, n);
+    output_desc.resize(1);
+    output_desc[0].type = DALI_FLOAT;
+    output_desc[0].shape = dali::uniform_list_shape(n, dali::TensorShape<1>{num_classes_});
+    return true;
+  }
+
+  void RunImpl(dali::Workspace &ws) override;
+
+  static int ScoreTypeOf(dali::DALIDataType type) {
+    if (type == DALI_FLOAT) return kScoreFloat32;
+    if (type == DALI_FLOAT16) return kScoreFloat16;
+    if (type == DALI_UINT8) return kScoreUint8;
+    DALI_FAIL(dali::make_string("LabelPool: scores (input 0) must be float32, float16 or uint8, got ", type));
+  }
+
+  int num_classes_;
+  int mode_;
+  int score_type_ = kScoreFloat32;
+  dali::ArgValue<float> scale_, offset_;
+  std::vector<HostScratchBuffers> scratch_;  // one per CPU pool thread
+};
+
+}  // namespace relabel_dali

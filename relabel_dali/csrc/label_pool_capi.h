@@ -1,0 +1,25 @@
+// C ABI of the DALI-free pooling library, loaded by relabel_dali/pooling.py through ctypes.
+//
+// Batches are contiguous: scores [n, k, h, w] (score_type from label_pool_math.h), class_ids
+// [n, k, h, w] uint16, boxes [n, 4] float32, scale/offset [n] float32 or null (1 and 0), out
+// [n, num_classes] float32. Return 0 on success; otherwise a nonzero code and a message in err.
+#pragma once
+
+#include <cstdint>
+
+extern "C" {
+
+enum { RELABEL_OK = 0, RELABEL_BAD_ARGUMENT = 1, RELABEL_BAD_BOX = 2, RELABEL_BAD_CLASS_ID = 3, RELABEL_CUDA_ERROR = 4 };
+
+int relabel_pool_cpu(const void *scores, int score_type, const uint16_t *class_ids, const float *boxes,
+                     const float *scale, const float *offset, int64_t n, int k, int h, int w, int num_classes,
+                     int mode, int num_threads, float *out, char *err, int err_len);
+
+// Device pointers; validation of boxes and class ids is the caller's (it would need a sync here).
+int relabel_pool_cuda(const void *scores, int score_type, const uint16_t *class_ids, const float *boxes,
+                      const float *scale, const float *offset, int64_t n, int k, int h, int w, int num_classes,
+                      int mode, void *stream, float *out, char *err, int err_len);
+
+// 1 when the library was built with the CUDA entry point.
+int relabel_pool_has_cuda(void);
+}
