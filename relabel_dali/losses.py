@@ -6,12 +6,13 @@ import torch.nn.functional as F
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """-(t * log_softmax(z)).sum(1).mean(); computed in float32 so bf16/fp16 logits do not lose
+    """-(t * log_softmax(z)).sum(1).mean(); at least float32, so bf16/fp16 logits do not lose
     the small target probabilities."""
     if logits.shape != targets.shape:
         raise ValueError(f"logits shape {tuple(logits.shape)} and targets shape {tuple(targets.shape)} differ")
-    log_probs = F.log_softmax(logits.float(), dim=1)
-    return -(targets.float() * log_probs).sum(dim=1).mean()
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    log_probs = F.log_softmax(logits.to(dtype), dim=1)
+    return -(targets.to(dtype) * log_probs).sum(dim=1).mean()
 
 
 def smooth_targets(targets: torch.Tensor, smoothing: float) -> torch.Tensor:
