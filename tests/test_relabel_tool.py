@@ -1,0 +1,169 @@
+"""tools/relabel.py: shards equal the in-memory maps, official .pt layout, resume, torchrun slices,
+bad input, and a real two-object composite photo."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from relabel_dali import LabelShardReader
+from relabel_dali.annotator import build_annotator, pool_boxes
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import relabel  # noqa: E402
+
+pytest.importorskip("nvidia.dali")
+pytest.importorskip("efficientnet_lite_pytorch")
+SIZE, CELLS = 256, 8
+YURT, CANNON = 915, 471
+COMPOSITE_KEY = "n04613696/composite_yurt_cannon"
+
+
+def foolbox_photo(name: str) -> Image.Image:
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None:
+        pytest.skip("the foolbox wheel's photos are not installed")
+    return Image.open(Path(list(spec.submodule_search_locations)[0]) / "data" / name).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+    """Four photos in wnid folders plus one composite: a yurt left of a cannon."""
+    root = tmp_path_factory.mktemp("images")
+    for name, wnid in [("imagenet_01_559.jpg", "n03376595"), ("imagenet_08_915.jpg", "n04613696"),
+                       ("imagenet_04_949.jpg", "n07745940"), ("imagenet_13_471.jpg", "n02950826")]:
+        (root / wnid).mkdir(exist_ok=True)
+        foolbox_photo(name).resize((192, 192)).save(root / wnid / f"{wnid}_photo.JPEG", quality=92)
+    composite = Image.new("RGB", (512, 256))
+    composite.paste(foolbox_photo("imagenet_08_915.jpg").resize((256, 256)), (0, 0))
+    composite.paste(foolbox_photo("imagenet_13_471.jpg").resize((256, 256)), (256, 0))
+    composite.save(root / f"{COMPOSITE_KEY}.JPEG", quality=92)
+    return root
+
+
+def run_tool(image_root, out, *extra):
+    return relabel.main([str(image_root), str(out), "--size", str(SIZE), "--batch-size", "3",
+                         "--records-per-shard", "2", "--dtype", "float32", "--threads", "2", *extra])
+
+
+@pytest.fixture(scope="module")
+def annotated(image_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("labels")
+    assert run_tool(image_root, out / "shards", "--write-pt", str(out / "pt")) == relabel.EXIT_OK
+    return out
+
+
+@pytest.fixture(scope="module")
+def in_memory(image_root):
+    """The maps computed in this process, without the tool's shard writing."""
+    model = build_annotator()
+    images = relabel.find_images(image_root)
+    keys = sorted(images)
+    annotator = relabel.Annotator(model, topk=5, device=torch.device("cpu"), amp=False)
+    pipe_args = dict(size=SIZE, mean=model.mean, std=model.std, exif=False, batch_size=len(keys),
+                     device_id=None, num_threads=2)
+    return {key: (scores, ids) for key, scores, ids, _ in annotator.run(keys, [images[k] for k in keys], pipe_args)}
+
+
+class TestRelabelTool:
+    def test_shards_read_back_equal_the_maps_computed_in_memory(self, annotated, in_memory):
+        reader = LabelShardReader(annotated / "shards")
+        assert reader.keys == sorted(in_memory)
+        assert (reader.k, reader.height, reader.width, reader.num_classes) == (5, CELLS, CELLS, 1000)
+        assert len(reader.shard_paths) == 3  # 5 images, 2 per shard
+        for key, (scores, ids) in in_memory.items():
+            stored_scores, stored_ids = reader[key]
+            np.testing.assert_array_equal(stored_ids, ids)
+            np.testing.assert_allclose(stored_scores, scores, rtol=1e-5, atol=1e-5)
+        assert reader.verify() == 5
+
+    def test_official_pt_files_are_the_transposed_maps(self, annotated):
+        reader = LabelShardReader(annotated / "shards")
+        for key in reader.keys:
+            official = torch.load(annotated / "pt" / f"{key}.pt", weights_only=True).numpy()
+            scores, ids = reader[key]
+            assert official.shape == (2, 5, CELLS, CELLS)
+            np.testing.assert_array_equal(official[0], scores.transpose(0, 2, 1))
+            np.testing.assert_array_equal(official[1], ids.transpose(0, 2, 1).astype(np.float32))
+
+    def test_resume_rewrites_only_missing_shards(self, image_root, tmp_path, capsys):
+        out = tmp_path / "labels"
+        assert run_tool(image_root, out) == 0
+        before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("labels-*")}
+        for name in ("labels-00001.rls", "labels-00001.keys", "index.json"):
+            (out / name).unlink()
+        capsys.readouterr()
+        assert run_tool(image_root, out) == 0
+        assert "2 of rank 0's shards kept" in capsys.readouterr().out
+        after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("labels-*")}
+        assert sorted(after) == sorted(before)
+        for name, (data, mtime) in before.items():
+            assert after[name][0] == data, name
+            assert (after[name][1] == mtime) == (not name.startswith("labels-00001")), name
+        assert len(LabelShardReader(out)) == 5
+
+    def test_changed_settings_refuse_to_resume(self, image_root, tmp_path, capsys):
+        out = tmp_path / "labels"
+        assert run_tool(image_root, out, "--limit", "1") == 0
+        assert run_tool(image_root, out, "--limit", "1", "--topk", "3") == relabel.EXIT_FAILED
+        assert "annotated with other settings (topk differ)" in capsys.readouterr().err
+
+    def test_torchrun_ranks_write_contiguous_slices_in_sorted_order(self, image_root, annotated, tmp_path):
+        out = tmp_path / "labels"
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                   str(ROOT / "tools" / "relabel.py"), str(image_root), str(out), "--size", str(SIZE),
+                   "--batch-size", "3", "--records-per-shard", "2", "--dtype", "float32", "--threads", "1"]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        single, multi = LabelShardReader(annotated / "shards"), LabelShardReader(out)
+        assert multi.keys == single.keys
+        for key in single.keys:
+            np.testing.assert_array_equal(multi[key][1], single[key][1])
+            np.testing.assert_allclose(multi[key][0], single[key][0], rtol=1e-4, atol=1e-4)
+
+
+class TestRelabelBadInput:
+    def test_empty_folder(self, tmp_path, capsys):
+        (tmp_path / "images").mkdir()
+        assert run_tool(tmp_path / "images", tmp_path / "out") == relabel.EXIT_FAILED
+        assert "images: no images" in capsys.readouterr().err
+
+    def test_missing_folder(self, tmp_path, capsys):
+        assert run_tool(tmp_path / "nowhere", tmp_path / "out") == relabel.EXIT_FAILED
+        assert "nowhere: image folder does not exist" in capsys.readouterr().err
+
+    def test_corrupt_image_names_the_files(self, tmp_path, capsys):
+        (tmp_path / "images" / "a").mkdir(parents=True)
+        (tmp_path / "images" / "a" / "broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        assert run_tool(tmp_path / "images", tmp_path / "out") == relabel.EXIT_FAILED
+        err = capsys.readouterr().err
+        assert "decoding failed near images" in err and "broken.JPEG" in err
+        assert not (tmp_path / "out" / "index.json").exists()
+        assert not list((tmp_path / "out").glob("*.rls"))
+
+    @pytest.mark.parametrize("flag", ["--size", "--topk", "--batch-size", "--records-per-shard"])
+    def test_non_positive_arguments(self, flag, tmp_path, capsys):
+        with pytest.raises(SystemExit):
+            relabel.parse_args([str(tmp_path), str(tmp_path / "out"), flag, "0"])
+        assert f"{flag} must be positive, got 0" in capsys.readouterr().err
+
+
+class TestTwoObjectComposite:
+    def test_each_half_has_its_own_class(self, annotated):
+        scores, ids = LabelShardReader(annotated / "shards")[COMPOSITE_KEY]
+        left, right = ids[0, :, : CELLS // 2], ids[0, :, CELLS // 2:]
+        left_top, right_top = np.bincount(left.ravel()).argmax(), np.bincount(right.ravel()).argmax()
+        assert left_top != right_top
+        assert (left_top, right_top) == (YURT, CANNON)
+        boxes = np.array([[0, 0, 0.5, 1], [0.5, 0, 1, 1]], np.float32)
+        pooled = pool_boxes(np.stack([scores] * 2), np.stack([ids] * 2), boxes)
+        assert pooled.argmax(1).tolist() == [YURT, CANNON]
+        whole = pool_boxes(scores[None], ids[None], np.array([[0, 0, 1, 1]], np.float32))[0]
+        assert set(torch.topk(whole, 2).indices.tolist()) == {YURT, CANNON}
