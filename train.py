@@ -36,14 +36,12 @@ def prepare_model(cfg, env):
     return model
 
 
-def test_only(cfg, env, data, model) -> int:
+def evaluate_weights(cfg, env, data, model) -> dict:
+    """util.test_only: evaluates util.test_weight_file (ours or an official checkpoint)."""
     if not cfg.util.test_weight_file:
         raise ConfigError("util.test_only is true but util.test_weight_file is empty")
     load_model_weights(model, cfg.util.test_weight_file)
-    result = evaluate(model, data.val, cfg, env, build_real(cfg, data.val_keys))
-    log(env, "test " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                 for k, v in result.items()) + f"  ({cfg.util.test_weight_file})")
-    return 0
+    return evaluate(model, data.val, cfg, env, build_real(cfg, data.val_keys))
 
 
 def save(path, model, optimizer, schedule, scaler, cfg, epoch, best_top1, last_metrics) -> None:
@@ -62,7 +60,10 @@ def run(cfg, resume) -> int:
         torch.backends.cudnn.benchmark = True
     model = prepare_model(cfg, env)
     if cfg.util.test_only:
-        return test_only(cfg, env, data, model)
+        result = evaluate_weights(cfg, env, data, model)
+        log(env, "test  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in result.items()) + f"  ({cfg.util.test_weight_file})")
+        return 0
 
     out_dir = Path(cfg.util.output_dir)
     optimizer = build_optimizer(cfg, model)

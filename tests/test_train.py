@@ -1,0 +1,210 @@
+"""End to end on a tiny dataset (CPU): exact resume, TensorBoard tags, test-only evaluation of
+saved and official-layout checkpoints, and a two-process torchrun run with disjoint shards."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from relabel_dali import LabelShardWriter
+from relabel_dali.config import parse_command_line
+from relabel_dali.distributed import init_distributed
+from relabel_dali.engine import build_data
+
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = ("n01440764", "n01443537", "n01484850")
+TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 4
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """24 training and 12 validation JPEGs (48x40, a dominant colour per class) with 3x5x5 label maps."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    writer = LabelShardWriter(root / "labels", k=3, height=5, width=5, num_classes=len(CLASSES),
+                              score_dtype="float16")
+    with writer.shard("labels-00000") as shard:
+        for c, wnid in enumerate(CLASSES):
+            colour = np.roll(np.array([180, 40, 40]), c)
+            for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+                (root / split / wnid).mkdir(parents=True)
+                for i in range(count):
+                    pixels = (rng.random((48, 40, 3)) * 70 + colour).clip(0, 255).astype(np.uint8)
+                    name = f"{wnid}_{split}_{i:03d}"
+                    Image.fromarray(pixels).save(root / split / wnid / f"{name}.JPEG", quality=90)
+                    if split == "train":
+                        ids = np.stack([np.full((5, 5), (c + j) % len(CLASSES)) for j in range(3)])
+                        scores = rng.normal(size=(3, 5, 5)) + np.array([3.0, 0.0, -1.0])[:, None, None]
+                        shard.add(f"{wnid}/{name}", scores, ids)
+    writer.finalize()
+    # ReaL entries in sorted file-name order; one image without acceptable labels.
+    names = sorted(f"{w}_val_{i:03d}" for w in CLASSES for i in range(VAL_PER_CLASS))
+    real = [[CLASSES.index(n.split("_")[0])] for n in names]
+    real[0] = []
+    (root / "real.json").write_text(json.dumps(real))
+    return root
+
+
+def argv_for(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data.data_path", str(root), "--data.relabel.path", str(root / "labels"),
+            "--data.class_map", "folder", "--data.num_classes", "3", "--data.image_size", "32",
+            "--model.arch", "mobilenet_v3_small", "--model.kwargs", "{width_mult: 0.25}",
+            "--optim.batch_size", "8", "--optim.lr.base_batch_size", "8", "--util.val_batch_size", "8",
+            "--optim.epochs", "2", "--optim.warmup.epochs", "1", "--data.num_threads", "1",
+            "--data.py_workers", "1", "--compute.device", "cpu", "--util.progress", "False",
+            "--util.output_dir", str(out), *extra]
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    assert train.main(argv_for(tiny, out, "--data.real_labels", str(tiny / "real.json"))) == 0
+    return out
+
+
+class TestResume:
+    def test_killed_and_resumed_equals_uninterrupted(self, tiny, straight_run, tmp_path, monkeypatch):
+        original = train.train_one_epoch
+
+        def killed_at_epoch_1(model, loader, optimizer, schedule, scaler, cfg, epoch, *args, **kwargs):
+            if epoch == 1:
+                raise KeyboardInterrupt("killed")
+            return original(model, loader, optimizer, schedule, scaler, cfg, epoch, *args, **kwargs)
+
+        monkeypatch.setattr(train, "train_one_epoch", killed_at_epoch_1)
+        argv = argv_for(tiny, tmp_path, "--data.real_labels", str(tiny / "real.json"))
+        with pytest.raises(KeyboardInterrupt):
+            train.main(argv)
+        assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)["epoch"] == 1
+        monkeypatch.undo()
+        assert train.main(argv + ["--resume", "auto"]) == 0
+
+        resumed = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
+        straight = torch.load(straight_run / "checkpoint-last.pth", weights_only=False)
+        assert resumed["epoch"] == straight["epoch"] == 2
+        assert states_equal(resumed["model"], straight["model"])
+        assert resumed["schedule"] == straight["schedule"]
+        momenta = [(s["momentum_buffer"], t["momentum_buffer"]) for s, t in
+                   zip(resumed["optimizer"]["state"].values(), straight["optimizer"]["state"].values())]
+        assert momenta and all(torch.equal(a, b) for a, b in momenta)
+
+    def test_resolved_config_saved(self, straight_run):
+        saved, _ = parse_command_line(["--config-file-path", str(straight_run / "config.yaml")])
+        assert saved.optim.epochs == 2 and saved.util.output_dir == str(straight_run)
+
+
+class TestTensorBoard:
+    def test_expected_tags_and_values(self, straight_run):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(straight_run / "tb"))
+        events.Reload()
+        tags = set(events.Tags()["scalars"])
+        assert {"train/loss", "train/lr", "val/top1", "val/top5", "val/real_top1", "perf/images_per_s",
+                "perf/data_wait_fraction"} <= tags
+        last = torch.load(straight_run / "checkpoint-last.pth", weights_only=False)["metrics"]
+        assert events.Scalars("val/top1")[-1].value == pytest.approx(last["top1"])
+        assert events.Scalars("val/real_top1")[-1].value == pytest.approx(last["real_top1"])
+        wait = [event.value for event in events.Scalars("perf/data_wait_fraction")]
+        assert len(wait) == 2 and all(0.0 <= value <= 1.0 for value in wait)
+
+
+class TestTestOnly:
+    @pytest.mark.parametrize("layout", ["ours", "official_module_prefixed"])
+    def test_evaluates_saved_weights(self, tiny, straight_run, tmp_path, layout):
+        last = torch.load(straight_run / "checkpoint-last.pth", weights_only=False)
+        weights = tmp_path / "weights.pth"
+        if layout == "ours":
+            weights = straight_run / "checkpoint-last.pth"
+        else:
+            torch.save({"state_dict": {f"module.{k}": v for k, v in last["model"].items()}, "epoch": 2}, weights)
+        argv = argv_for(tiny, tmp_path / "eval", "--data.real_labels", str(tiny / "real.json"),
+                        "--util.test_only", "True", "--util.test_weight_file", str(weights))
+        cfg, _ = parse_command_line(argv)
+        env = init_distributed("cpu")
+        data = build_data(cfg, env)
+        result = train.evaluate_weights(cfg, env, data, train.prepare_model(cfg, env))
+        # The training run evaluated the same weights on the same images at its last epoch.
+        assert result == pytest.approx(last["metrics"])
+        assert result["samples"] == len(CLASSES) * VAL_PER_CLASS
+        assert result["real_samples"] == len(CLASSES) * VAL_PER_CLASS - 1
+        assert train.main(argv) == 0
+
+    def test_needs_a_weight_file(self, tiny, tmp_path, capsys):
+        assert train.main(argv_for(tiny, tmp_path, "--util.test_only", "True")) == 2
+        assert "util.test_weight_file is empty" in capsys.readouterr().err
+
+
+class TestCommandLine:
+    def test_unknown_key_exits_2(self, capsys):
+        assert train.main(["--optim.epoch", "3"]) == 2
+        assert "did you mean 'optim.epochs'" in capsys.readouterr().err
+
+
+DRIVER = textwrap.dedent("""
+    import sys, torch
+    import train
+    from relabel_dali.models import unwrap
+
+    out = sys.argv.pop(1)
+    seen, original, original_eval = [], train.train_one_epoch, train.evaluate
+
+    class Recording:
+        def __init__(self, loader):
+            self.loader = loader
+        def __len__(self):
+            return len(self.loader)
+        def __iter__(self):
+            for batch in self.loader:
+                seen.extend(batch["indices"].tolist())
+                yield batch
+
+    def train_one_epoch(model, loader, *args, **kwargs):
+        stats = original(model, Recording(loader), *args, **kwargs)
+        rank = torch.distributed.get_rank()
+        params = {name: p.detach().clone() for name, p in unwrap(model).named_parameters()}
+        torch.save({"seen": list(seen), "params": params}, f"{out}/rank{rank}.pt")
+        return stats
+
+    def evaluate(*args, **kwargs):
+        result = original_eval(*args, **kwargs)
+        torch.save(result, f"{out}/eval{torch.distributed.get_rank()}.pt")
+        return result
+
+    train.train_one_epoch, train.evaluate = train_one_epoch, evaluate
+    sys.exit(train.main())
+""")
+
+
+class TestTorchrun:
+    def test_two_processes_gloo(self, tiny, tmp_path):
+        driver = tmp_path / "driver.py"
+        driver.write_text(DRIVER)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   str(driver), str(tmp_path), *argv_for(tiny, tmp_path / "run", "--optim.epochs", "1",
+                                                         "--optim.warmup.epochs", "0")]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+        seen0, seen1 = set(ranks[0]["seen"]), set(ranks[1]["seen"])
+        assert not seen0 & seen1
+        assert seen0 | seen1 == set(range(len(CLASSES) * TRAIN_PER_CLASS))
+        # Parameters, not BN running statistics: those follow each rank's own last batch.
+        assert states_equal(ranks[0]["params"], ranks[1]["params"])
+        saved = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=False)
+        assert states_equal({name: saved["model"][name] for name in ranks[0]["params"]}, ranks[0]["params"])
+        evals = [torch.load(tmp_path / f"eval{r}.pt") for r in range(2)]
+        assert evals[0] == evals[1] and evals[0]["samples"] == len(CLASSES) * VAL_PER_CLASS
