@@ -1,0 +1,70 @@
+"""tools/show_labels.py: PNG figures of the expected size; unknown keys and images fail clearly."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from relabel_dali.writer import LabelShardWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import show_labels  # noqa: E402
+
+KEYS = ["n01440764/a", "n01443537/b", "n01484850/c"]
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    rng = np.random.default_rng(0)
+    writer = LabelShardWriter(tmp_path / "labels", k=5, height=8, width=8, score_dtype="float16")
+    with writer.shard("labels-00000") as shard:
+        for key in KEYS:
+            scores = -np.sort(-rng.normal(0, 4, (5, 8, 8)), axis=0)
+            ids = np.stack([rng.permutation(1000)[:5] for _ in range(64)], 1).reshape(5, 8, 8)
+            shard.add(key, scores, ids)
+            (tmp_path / "images" / key).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{key}.JPEG")
+    writer.finalize()
+    return tmp_path
+
+
+class TestShowLabels:
+    @pytest.mark.parametrize("crops, width", [(2, 900), (4, 1200), (6, 1800)])
+    def test_png_size_follows_the_crop_count(self, dataset, crops, width):
+        out = dataset / "figures"
+        code = show_labels.main([str(dataset / "labels"), str(dataset / "images"), "--out", str(out),
+                                 "--keys", KEYS[0], "--crops", str(crops)])
+        assert code == show_labels.EXIT_OK
+        assert Image.open(out / "n01440764__a.png").size == (width, 900)
+
+    def test_random_samples(self, dataset):
+        out = dataset / "figures"
+        assert show_labels.main([str(dataset / "labels"), str(dataset / "images"), "--out", str(out),
+                                 "--random", "2", "--crops", "2"]) == 0
+        written = sorted(p.name for p in out.glob("*.png"))
+        assert len(written) == 2 and set(written) <= {k.replace("/", "__") + ".png" for k in KEYS}
+
+    def test_heatmap_is_the_per_cell_probability(self):
+        scores = np.array([[[2.0]], [[0.0]]], np.float32)
+        ids = np.array([[[7]], [[3]]])
+        assert show_labels.class_heatmap(scores, ids, 7)[0, 0] == pytest.approx(np.exp(2) / (np.exp(2) + 1))
+        assert show_labels.class_heatmap(scores, ids, 5)[0, 0] == 0
+
+    def test_unknown_key(self, dataset, capsys):
+        assert show_labels.main([str(dataset / "labels"), str(dataset / "images"), "--out", str(dataset / "f"),
+                                 "--keys", "nope/x"]) == show_labels.EXIT_FAILED
+        assert "no label record for key 'nope/x'" in capsys.readouterr().err
+
+    def test_missing_image(self, dataset, capsys):
+        (dataset / "images" / f"{KEYS[1]}.JPEG").unlink()
+        assert show_labels.main([str(dataset / "labels"), str(dataset / "images"), "--out", str(dataset / "f"),
+                                 "--keys", KEYS[1]]) == show_labels.EXIT_FAILED
+        assert "no image for key 'n01443537/b'" in capsys.readouterr().err
+
+    @pytest.mark.parametrize("argv, message", [(["--crops", "0"], "--crops must be in"), ([], "--keys or ask for --random")])
+    def test_bad_arguments(self, tmp_path, argv, message, capsys):
+        with pytest.raises(SystemExit):
+            show_labels.parse_args([str(tmp_path), str(tmp_path), "--out", str(tmp_path), *argv])
+        assert message in capsys.readouterr().err
