@@ -100,13 +100,14 @@ class TestTargets:
         source = SampleSource(image_root, label_root, batch_size=4, seed=0)
         out = run_epoch(plain(source, use_relabel=True, pool_mode=mode), NAMES)
         reader = LabelShardReader(label_root)
-        for target, box, index in zip(out["targets"], out["boxes"], out["indices"]):
-            record = reader.record(keys[index])
-            expected = pool_labels(torch.from_numpy(np.array(record.scores)),
-                                   torch.from_numpy(record.class_ids.astype(np.int64)),
-                                   torch.from_numpy(box), NUM_CLASSES, mode, record.scale, record.offset)
-            np.testing.assert_allclose(target, expected.numpy().reshape(-1), rtol=1e-5, atol=1e-6)
-            assert target.shape == (NUM_CLASSES,) and abs(target.sum() - 1) < 1e-5
+        records = [reader.record(keys[index]) for index in out["indices"]]
+        expected = pool_labels(torch.from_numpy(np.stack([r.scores for r in records])),
+                               torch.from_numpy(np.stack([r.class_ids for r in records]).astype(np.int64)),
+                               torch.from_numpy(out["boxes"]), NUM_CLASSES, mode,
+                               [r.scale for r in records], [r.offset for r in records])
+        np.testing.assert_allclose(out["targets"], expected.numpy(), rtol=1e-5, atol=1e-6)
+        assert out["targets"].shape == (len(keys), NUM_CLASSES)
+        np.testing.assert_allclose(out["targets"].sum(1), 1, atol=1e-5)
 
     def test_relabel_needs_label_shards(self, tmp_path):
         image_root, _, _ = make_dataset(tmp_path, labels=False)
