@@ -170,7 +170,8 @@ struct SampleView {
 // Per-thread scratch reused across samples so pooling allocates nothing in steady state.
 struct HostScratch {
   float *row_w = nullptr, *col_w = nullptr;  // [h], [w]
-  int *touched = nullptr;                    // class ids seen with a nonzero weight, [num_classes]
+  int *touched = nullptr;                    // class ids seen with a nonzero weight, [num_classes + 1]
+  float *values = nullptr;                   // per touched class, [num_classes]
   uint8_t *seen = nullptr;                   // [num_classes], all zero between samples
 };
 
@@ -178,6 +179,7 @@ struct HostScratch {
 struct HostScratchBuffers {
   std::vector<float> row_w, col_w;
   std::vector<int> touched;
+  std::vector<float> values;
   std::vector<uint8_t> seen;
   HostScratch view;
 
@@ -185,10 +187,11 @@ struct HostScratchBuffers {
     if (static_cast<int>(row_w.size()) < h) row_w.resize(h);
     if (static_cast<int>(col_w.size()) < w) col_w.resize(w);
     if (static_cast<int>(seen.size()) < num_classes) {
-      touched.resize(num_classes);
+      touched.resize(num_classes + 1);  // the branch-free append writes one past the last class
+      values.resize(num_classes);
       seen.resize(num_classes, 0);
     }
-    view = HostScratch{row_w.data(), col_w.data(), touched.data(), seen.data()};
+    view = HostScratch{row_w.data(), col_w.data(), touched.data(), values.data(), seen.data()};
   }
 };
 
@@ -228,10 +231,10 @@ inline void pool_sample_host(const SampleView &s, int num_classes, int mode, flo
       for (int j = 0; j < s.k; ++j) {
         const size_t e = j * plane + cell;
         const int id = s.class_ids[e];
-        if (!scratch.seen[id]) {
-          scratch.seen[id] = 1;
-          scratch.touched[n_touched++] = id;
-        }
+        // Branch-free first-touch bookkeeping: ids arrive in no predictable order.
+        scratch.touched[n_touched] = id;
+        n_touched += scratch.seen[id] ^ 1;
+        scratch.seen[id] = 1;
         out[id] += weight * load_score(s.scores, s.score_type, e, s.scale, s.offset);
       }
     }
@@ -269,15 +272,17 @@ inline void pool_sample_host(const SampleView &s, int num_classes, int mode, flo
   for (int t = 0; t < n_touched; ++t) max_value = fmaxf(max_value, out[scratch.touched[t]]);
   double sum = n_absent * static_cast<double>(expf(-max_value));
   for (int t = 0; t < n_touched; ++t) {
-    const int id = scratch.touched[t];
-    const float e = expf(out[id] - max_value);
-    out[id] = e;
+    const float e = expf(out[scratch.touched[t]] - max_value);
+    scratch.values[t] = e;
     sum += e;
   }
   const float inv_sum = static_cast<float>(1.0 / sum);
   const float absent_value = expf(-max_value) * inv_sum;
-  for (int c = 0; c < num_classes; ++c) out[c] = scratch.seen[c] ? out[c] * inv_sum : absent_value;
-  for (int t = 0; t < n_touched; ++t) scratch.seen[scratch.touched[t]] = 0;
+  for (int c = 0; c < num_classes; ++c) out[c] = absent_value;
+  for (int t = 0; t < n_touched; ++t) {
+    out[scratch.touched[t]] = scratch.values[t] * inv_sum;
+    scratch.seen[scratch.touched[t]] = 0;
+  }
 }
 
 }  // namespace relabel_dali

@@ -1,0 +1,121 @@
+"""pool_labels: LabelPool on torch tensors outside a pipeline (tools, tests, CutMix re-pooling).
+
+The same native math as the DALI operator, reached through the DALI-free C ABI library that
+:mod:`relabel_dali.ops` builds. CPU tensors are pooled on ``torch.get_num_threads()`` threads; CUDA
+tensors on the current torch stream.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+MODES = {"softmax": 0, "argmax": 1, "global_softmax": 2, "global_argmax": 3}
+SCORE_TYPES = {torch.float32: 0, torch.float16: 1, torch.uint8: 2}
+MAX_CLASSES = 65536  # class ids travel as uint16
+
+
+def _per_sample(name: str, value, n: int, default: float, device) -> torch.Tensor | None:
+    if value is None:
+        return None
+    tensor = torch.as_tensor(value, dtype=torch.float32, device=device).reshape(-1)
+    if tensor.numel() == 1:
+        tensor = tensor.expand(n)
+    if tensor.numel() != n:
+        raise ValueError(f"{name}: {tensor.numel()} values for {n} samples, expected one per sample or one in all")
+    return tensor.contiguous()
+
+
+def _check_class_ids(class_ids: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Range-checked class ids as int16 holding the uint16 bit pattern the native code reads."""
+    if class_ids.dtype.is_floating_point or class_ids.dtype.is_complex or class_ids.dtype == torch.bool:
+        raise TypeError(f"class_ids: dtype {class_ids.dtype}, expected an integer dtype")
+    wide = class_ids.to(torch.int32) if class_ids.dtype != torch.int64 else class_ids
+    if wide.numel():
+        low, high = torch.aminmax(wide)
+        if int(low) < 0 or int(high) >= num_classes:
+            bad = int(low) if int(low) < 0 else int(high)
+            n, j, y, x = (int(i) for i in torch.nonzero(wide == bad)[0])
+            raise ValueError(f"class_ids: sample {n}: class id {bad} at [k, y, x] = [{j}, {y}, {x}] is outside "
+                             f"[0, num_classes - 1 = {num_classes - 1}]")
+    return wide.to(torch.int16).contiguous()
+
+
+def _check_boxes_on_device(boxes: torch.Tensor) -> None:
+    """The native CUDA entry does not validate boxes (that would need a sync there); one sync here."""
+    finite = torch.isfinite(boxes).all(1)
+    inside = ((boxes >= 0) & (boxes <= 1)).all(1)
+    ordered = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    bad = torch.nonzero(~(finite & inside & ordered))
+    if bad.numel():
+        i = int(bad[0, 0])
+        x0, y0, x1, y1 = boxes[i].tolist()
+        raise ValueError(f"boxes: sample {i}: box (x0, y0, x1, y1) = ({x0}, {y0}, {x1}, {y1}) is not inside [0, 1] "
+                         f"with x0 < x1 and y0 < y1")
+
+
+def pool_labels(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tensor, num_classes: int = 1000,
+                mode: str = "softmax", scale=None, offset=None) -> torch.Tensor:
+    """Pools top-k label maps over crop boxes: returns float32 ``[N, num_classes]`` targets.
+
+    ``scores`` [N, k, H, W] float32/float16/uint8 (uint8 reads as ``offset + scale * q`` with per-sample
+    ``scale``/``offset``, default 1 and 0; float scores ignore them), ``class_ids`` [N, k, H, W] of any
+    integer dtype, ``boxes`` [N, 4] ``(x0, y0, x1, y1)`` normalized to the whole image. ``mode`` is
+    ``softmax`` (official LabelPooling), ``argmax``, ``global_softmax`` or ``global_argmax``.
+    """
+    from relabel_dali.ops import load_capi
+
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: expected one of {sorted(MODES)}")
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"num_classes = {num_classes}, expected 1..{MAX_CLASSES}")
+    for name, tensor in (("scores", scores), ("class_ids", class_ids), ("boxes", boxes)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if scores.dim() != 4:
+        raise ValueError(f"scores: shape {tuple(scores.shape)}, expected [N, k, H, W]")
+    if scores.dtype not in SCORE_TYPES:
+        raise TypeError(f"scores: dtype {scores.dtype}, expected float32, float16 or uint8")
+    if class_ids.shape != scores.shape:
+        raise ValueError(f"class_ids: shape {tuple(class_ids.shape)}, expected the scores' {tuple(scores.shape)}")
+    n, k, h, w = scores.shape
+    if boxes.shape != (n, 4):
+        raise ValueError(f"boxes: shape {tuple(boxes.shape)}, expected [{n}, 4]")
+    if min(k, h, w) < 1:
+        raise ValueError(f"scores: shape {tuple(scores.shape)} has an empty label map")
+    device = scores.device
+    if class_ids.device != device or boxes.device != device:
+        raise ValueError(f"scores, class_ids and boxes must be on one device, got {device}, {class_ids.device}, "
+                         f"{boxes.device}")
+
+    out = torch.empty(n, num_classes, dtype=torch.float32, device=device)
+    if n == 0:
+        return out
+    scores = scores.contiguous()
+    ids = _check_class_ids(class_ids, num_classes)
+    boxes = boxes.to(torch.float32).contiguous()
+    is_uint8 = scores.dtype == torch.uint8
+    scale_t = _per_sample("scale", scale, n, 1.0, device) if is_uint8 else None
+    offset_t = _per_sample("offset", offset, n, 0.0, device) if is_uint8 else None
+
+    library = load_capi()
+    err = ctypes.create_string_buffer(1024)
+    args = [scores.data_ptr(), SCORE_TYPES[scores.dtype], ids.data_ptr(), boxes.data_ptr(),
+            scale_t.data_ptr() if scale_t is not None else None,
+            offset_t.data_ptr() if offset_t is not None else None,
+            n, k, h, w, num_classes, MODES[mode]]
+    if device.type == "cuda":
+        if not library.relabel_pool_has_cuda():
+            raise RuntimeError("pool_labels on CUDA tensors needs the pooling library built with nvcc "
+                               "(unset RELABEL_DALI_NO_CUDA and make nvcc available)")
+        if MODES[mode] < 2:
+            _check_boxes_on_device(boxes)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        code = library.relabel_pool_cuda(*args, stream, out.data_ptr(), err, len(err))
+    elif device.type == "cpu":
+        code = library.relabel_pool_cpu(*args, torch.get_num_threads(), out.data_ptr(), err, len(err))
+    else:
+        raise ValueError(f"pool_labels runs on cpu or cuda tensors, got {device}")
+    if code != 0:
+        raise (RuntimeError if code == 4 else ValueError)(err.value.decode(errors="replace"))
+    return out
