@@ -130,6 +130,12 @@ class TestRelabelTool:
 
 
 class TestRelabelBadInput:
+    def test_refuses_a_folder_of_packed_shards(self, image_root, tmp_path, capsys):
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "pack_settings.json").write_text("{}")
+        assert run_tool(image_root, tmp_path / "out") == relabel.EXIT_FAILED
+        assert "packed by tools/pack_labels.py; annotate into another folder" in capsys.readouterr().err
+
     def test_empty_folder(self, tmp_path, capsys):
         (tmp_path / "images").mkdir()
         assert run_tool(tmp_path / "images", tmp_path / "out") == relabel.EXIT_FAILED

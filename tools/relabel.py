@@ -159,6 +159,8 @@ def map_size(model, size: int, device: torch.device) -> tuple[int, int]:
 def check_settings(out: Path, settings: dict, write: bool) -> None:
     """A resumed run must use the settings of the run it continues, or the shards would mix."""
     path = out / SETTINGS_NAME
+    if (out / "pack_settings.json").exists():
+        raise ValueError(f"{out} holds shards packed by tools/pack_labels.py; annotate into another folder")
     if path.exists():
         previous = json.loads(path.read_text())
         changed = sorted(k for k in set(settings) | set(previous) if previous.get(k) != settings.get(k))
