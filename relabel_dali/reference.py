@@ -52,3 +52,43 @@ def reference_pool(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.T
     if mode.endswith("argmax"):
         return torch.nn.functional.one_hot(pooled.argmax(1), num_classes).to(torch.float32)
     return torch.softmax(pooled, 1)
+
+
+def random_topk_maps(n: int, k: int, h: int, w: int, num_classes: int, generator: torch.Generator,
+                     classes_per_image: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random top-k maps like an annotator's: scores [n, k, h, w] float32 in (0, 1), sorted descending
+    per cell, class ids int64 distinct within each cell. ``classes_per_image`` draws each image's ids
+    from that many classes (real maps concentrate on a few), else from all ``num_classes``."""
+    pool = classes_per_image or num_classes
+    if k > pool:
+        raise ValueError(f"k = {k} distinct ids per cell need at least {k} classes, got {pool}")
+    # Distinct ids per cell without a per-cell permutation: a random start plus k strictly increasing
+    # offsets whose total stays below the pool size, taken modulo the pool.
+    start = torch.randint(0, pool, (n, 1, h, w), generator=generator)
+    steps = torch.randint(1, max(pool // k, 1) + 1, (n, k, h, w), generator=generator)
+    steps[:, 0] = 0
+    slots = (start + steps.cumsum(1)) % pool
+    if classes_per_image:
+        palette = torch.stack([torch.randperm(num_classes, generator=generator)[:pool] for _ in range(n)])
+        class_ids = torch.gather(palette, 1, slots.reshape(n, -1)).reshape(n, k, h, w)
+    else:
+        class_ids = slots
+    scores = torch.rand(n, k, h, w, generator=generator).sort(dim=1, descending=True).values
+    return scores.contiguous(), class_ids.contiguous()
+
+
+def random_boxes(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crop boxes (x0, y0, x1, y1) in [0, 1], mixing in the edge cases: boxes touching the
+    borders, boxes thinner than a cell of a 15-cell map, and the whole image."""
+    lo = torch.rand(n, 2, generator=generator)
+    hi = lo + torch.rand(n, 2, generator=generator) * (1 - lo)
+    kind = torch.randint(0, 8, (n, 2), generator=generator)
+    lo = torch.where(kind == 0, torch.zeros_like(lo), lo)  # touching the top/left border
+    hi = torch.where(kind == 1, torch.ones_like(hi), hi)  # touching the bottom/right border
+    hi = torch.where(kind == 2, (lo + 0.01).clamp(max=1.0), hi)  # thinner than one cell
+    whole = torch.rand(n, generator=generator) < 0.05
+    lo[whole], hi[whole] = 0.0, 1.0
+    thin_at_end = hi <= lo
+    lo = torch.where(thin_at_end, (hi - 0.01).clamp(min=0.0), lo)
+    hi = torch.where(hi <= lo, lo + 0.01, hi)
+    return torch.stack([lo[:, 0], lo[:, 1], hi[:, 0], hi[:, 1]], 1).to(torch.float32)
