@@ -181,6 +181,9 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, cfg: Config, epo
                 logger.scalar("train/lr", lr, schedule.step_count)
         bar.update(1)
         last = time.perf_counter()
+    # Run the loader's epoch to its end so it knows the epoch is complete.
+    for _ in iterator:
+        raise RuntimeError(f"train loader yields more batches than its len() of {steps} (epoch {epoch})")
     bar.close()
     elapsed = max(time.perf_counter() - start, 1e-9)
     totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(samples), dtype=torch.float64,
