@@ -208,3 +208,86 @@ class TestTorchrun:
         assert states_equal({name: saved["model"][name] for name in ranks[0]["params"]}, ranks[0]["params"])
         evals = [torch.load(tmp_path / f"eval{r}.pt") for r in range(2)]
         assert evals[0] == evals[1] and evals[0]["samples"] == len(CLASSES) * VAL_PER_CLASS
+
+
+class ListLoader(list):
+    """A loader stand-in: a fixed list of batches."""
+
+
+def synthetic_batches(steps, batch=4, classes=3, size=16):
+    gen = torch.Generator().manual_seed(0)
+    return ListLoader({"images": torch.randn(batch, 3, size, size, generator=gen),
+                       "targets": torch.softmax(torch.randn(batch, classes, generator=gen), 1),
+                       "labels": torch.randint(classes, (batch,), generator=gen)} for _ in range(steps))
+
+
+class TestTrainOneEpoch:
+    @pytest.mark.parametrize("epochs, off_epoch, expected", [(10, 5, [True] * 5 + [False] * 5), (3, 0, [True] * 3)])
+    def test_cutmix_switched_off_for_last_epochs(self, epochs, off_epoch, expected):
+        from relabel_dali.engine import cutmix_active
+
+        cfg, _ = parse_command_line(["--data.cutmix.prob", "1", "--data.cutmix.beta", "1",
+                                     "--optim.epochs", str(epochs), "--data.cutmix.off_epoch", str(off_epoch)])
+        assert [cutmix_active(cfg, e) for e in range(epochs)] == expected
+
+    def test_steps_schedule_and_cutmix(self, monkeypatch):
+        import relabel_dali.cutmix as cutmix
+        from relabel_dali.engine import train_one_epoch
+        from relabel_dali.optim import build_optimizer, build_schedule, lr_at
+
+        calls = []
+        original = cutmix.cutmix_batch
+        monkeypatch.setattr(cutmix, "cutmix_batch", lambda *a, **k: calls.append(1) or original(*a, **k))
+        cfg, _ = parse_command_line(["--model.arch", "resnet18", "--data.num_classes", "3", "--optim.epochs", "2",
+                                     "--optim.warmup.epochs", "1", "--data.cutmix.prob", "1",
+                                     "--data.cutmix.beta", "1", "--data.cutmix.off_epoch", "1",
+                                     "--optim.label_smoothing", "0.1", "--util.progress", "False"])
+        env = init_distributed("cpu")
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                    torch.nn.Linear(4, 3))
+        optimizer = build_optimizer(cfg, model)
+        loader = synthetic_batches(3)
+        schedule = build_schedule(cfg, optimizer, steps_per_epoch=len(loader))
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        before = [p.detach().clone() for p in model.parameters()]
+        stats = [train_one_epoch(model, loader, optimizer, schedule, scaler, cfg, e, env) for e in range(2)]
+        assert len(calls) == 3  # epoch 0 only: CutMix is off for the last epoch
+        assert schedule.step_count == 6
+        peak = optimizer.param_groups[0]["peak_lr"]
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(
+            lr_at(5, peak_lr=peak, total_steps=6, warmup_steps=3, warmup_lr=0.0))
+        assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        assert all(np.isfinite(s["loss"]) and 0 <= s["data_wait_fraction"] <= 1 for s in stats)
+
+    def test_loader_shorter_than_len(self):
+        from relabel_dali.engine import train_one_epoch
+        from relabel_dali.optim import build_optimizer, build_schedule
+
+        class Short(ListLoader):
+            def __len__(self):
+                return 5
+
+        cfg, _ = parse_command_line(["--data.num_classes", "3", "--util.progress", "False"])
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(3))
+        model(torch.zeros(1, 3, 16, 16))
+        optimizer = build_optimizer(cfg, model)
+        schedule = build_schedule(cfg, optimizer, steps_per_epoch=5)
+        with pytest.raises(RuntimeError, match="train loader ended after 2 of its 5 batches"):
+            train_one_epoch(model, Short(synthetic_batches(2)), optimizer, schedule,
+                            torch.amp.GradScaler("cuda", enabled=False), cfg, 0, init_distributed("cpu"))
+
+
+@pytest.mark.gpu
+class TestGpu:
+    @pytest.mark.parametrize("amp", ["bf16", "fp16"])
+    def test_amp_channels_last_and_resume(self, tiny, tmp_path, amp):
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU: torch.cuda.is_available() is False")
+        argv = argv_for(tiny, tmp_path, "--compute.device", "cuda", "--compute.amp", amp,
+                        "--data.start_method", "spawn")
+        assert train.main(argv) == 0
+        state = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
+        assert state["epoch"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                           if v.is_floating_point())
+        assert train.main(argv + ["--optim.epochs", "3", "--resume", "auto"]) == 0
+        assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)["epoch"] == 3
