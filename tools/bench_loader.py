@@ -117,15 +117,21 @@ def official_pool(label_maps: torch.Tensor, boxes: torch.Tensor, num_classes: in
 
 
 # ---- timing ----------------------------------------------------------------------------------
-def time_loader(name: str, make_iter, epochs: int) -> float:
-    """images/s over ``epochs`` epochs after one warm-up epoch (workers started, caches hot)."""
-    for _ in make_iter():
-        pass
-    images, started = 0, time.perf_counter()
-    for _ in tqdm(range(epochs), desc=name, unit="epoch", disable=None):
-        for batch in make_iter():
-            images += batch
-    return images / (time.perf_counter() - started)
+def time_loaders(loaders: dict, rounds: int, epochs_per_turn: int = 2) -> dict[str, float]:
+    """images/s per loader. Loaders take turns so that the load of a shared machine falls on each
+    alike; each turn starts with an untimed epoch, because a DALI loader prefetches its next epoch
+    in the background while the other loaders are being timed."""
+    images, seconds = dict.fromkeys(loaders, 0), dict.fromkeys(loaders, 0.0)
+    for _ in tqdm(range(rounds), desc="timing", unit="round", disable=None):
+        for name, make_iter in loaders.items():
+            for _ in make_iter():
+                pass
+            started = time.perf_counter()
+            for _ in range(epochs_per_turn):
+                for batch in make_iter():
+                    images[name] += batch
+            seconds[name] += time.perf_counter() - started
+    return {name: images[name] / seconds[name] for name in loaders}
 
 
 def main(argv=None) -> int:
@@ -137,7 +143,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--workers", type=int, default=2, help="Python workers, and DALI threads")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="turns per loader (1 untimed + 2 timed epochs each)")
     parser.add_argument("--only", choices=("a", "b", "c"), action="append", help="run only these loaders")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
@@ -151,7 +157,7 @@ def main(argv=None) -> int:
     results = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                            "processor": platform.processor(), "gpu": torch.cuda.is_available()},
                "batch_size": args.batch_size, "image_size": args.image_size, "workers": args.workers,
-               "epochs": args.epochs, "images_per_s": {}}
+               "rounds": args.rounds, "images_per_s": {}}
     with tempfile.TemporaryDirectory() as tmp:
         if args.data:
             image_root, pt_root, label_root = args.data, args.pt, args.labels
@@ -164,26 +170,24 @@ def main(argv=None) -> int:
         def dali(loader):
             return lambda: (len(batch["indices"]) for batch in loader)
 
-        rates = results["images_per_s"]
+        loaders = {}
         if "a" in only:
-            loader = build_train_loader(image_root, label_root, use_relabel=True, **common)
-            rates["a_dali_relabel"] = time_loader("(a) DALI + LabelPool", dali(loader), args.epochs)
-            del loader
+            loaders["a_dali_relabel"] = dali(build_train_loader(image_root, label_root, use_relabel=True, **common))
         if "b" in only:
-            loader = build_train_loader(image_root, use_relabel=False, **common)
-            rates["b_dali_no_labels"] = time_loader("(b) DALI, no labels", dali(loader), args.epochs)
-            del loader
+            loaders["b_dali_no_labels"] = dali(build_train_loader(image_root, use_relabel=False, **common))
         if "c" in only:
             dataset = OfficialStyleDataset(image_root, pt_root, args.image_size)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                                 num_workers=args.workers, persistent_workers=True)
+            torch_loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
+                                                       drop_last=True, num_workers=args.workers,
+                                                       persistent_workers=True)
 
             def official():
-                for images, _, boxes, maps in loader:
+                for images, _, boxes, maps in torch_loader:
                     official_pool(maps, boxes)
                     yield len(images)
 
-            rates["c_official_torch"] = time_loader("(c) official-style torch", official, args.epochs)
+            loaders["c_official_torch"] = official
+        rates = results["images_per_s"] = time_loaders(loaders, args.rounds)
     if "a_dali_relabel" in rates and "c_official_torch" in rates:
         results["a_over_c"] = rates["a_dali_relabel"] / rates["c_official_torch"]
     if "a_dali_relabel" in rates and "b_dali_no_labels" in rates:
