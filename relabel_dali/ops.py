@@ -225,7 +225,8 @@ def load_capi() -> ctypes.CDLL:
             library = ctypes.CDLL(str(build_capi()))
             pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
             common = [pointer, i32, pointer, pointer, pointer, pointer, i64, i32, i32, i32, i32, i32]
-            library.relabel_pool_cpu.argtypes = [*common, i32, pointer, ctypes.c_char_p, i32]
+            # The CPU entry also takes the class id dtype code, right after the class id pointer.
+            library.relabel_pool_cpu.argtypes = [*common[:3], i32, *common[3:], i32, pointer, ctypes.c_char_p, i32]
             library.relabel_pool_cuda.argtypes = [*common, pointer, pointer, ctypes.c_char_p, i32]
             library.relabel_pool_cpu.restype = library.relabel_pool_cuda.restype = i32
             library.relabel_pool_has_cuda.restype = i32

@@ -12,6 +12,8 @@ import torch
 
 MODES = {"softmax": 0, "argmax": 1, "global_softmax": 2, "global_argmax": 3}
 SCORE_TYPES = {torch.float32: 0, torch.float16: 1, torch.uint8: 2}
+# Class id dtypes the CPU entry reads directly, range-checking as it goes (RELABEL_ID_* codes).
+ID_TYPES = {torch.uint16: 0, torch.int16: 1, torch.int32: 2, torch.int64: 3, torch.uint8: 4}
 MAX_CLASSES = 65536  # class ids travel as uint16
 
 
@@ -27,9 +29,7 @@ def _per_sample(name: str, value, n: int, default: float, device) -> torch.Tenso
 
 
 def _check_class_ids(class_ids: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Range-checked class ids as int16 holding the uint16 bit pattern the native code reads."""
-    if class_ids.dtype.is_floating_point or class_ids.dtype.is_complex or class_ids.dtype == torch.bool:
-        raise TypeError(f"class_ids: dtype {class_ids.dtype}, expected an integer dtype")
+    """Range-checked class ids as int16 holding the uint16 bit pattern the CUDA entry reads."""
     wide = class_ids.to(torch.int32) if class_ids.dtype != torch.int64 else class_ids
     if wide.numel():
         low, high = torch.aminmax(wide)
@@ -92,7 +92,8 @@ def pool_labels(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tens
     if n == 0:
         return out
     scores = scores.contiguous()
-    ids = _check_class_ids(class_ids, num_classes)
+    if class_ids.dtype.is_floating_point or class_ids.dtype.is_complex or class_ids.dtype == torch.bool:
+        raise TypeError(f"class_ids: dtype {class_ids.dtype}, expected an integer dtype")
     boxes = boxes.to(torch.float32).contiguous()
     is_uint8 = scores.dtype == torch.uint8
     scale_t = _per_sample("scale", scale, n, 1.0, device) if is_uint8 else None
@@ -100,11 +101,11 @@ def pool_labels(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tens
 
     library = load_capi()
     err = ctypes.create_string_buffer(1024)
-    args = [scores.data_ptr(), SCORE_TYPES[scores.dtype], ids.data_ptr(), boxes.data_ptr(),
-            scale_t.data_ptr() if scale_t is not None else None,
-            offset_t.data_ptr() if offset_t is not None else None,
-            n, k, h, w, num_classes, MODES[mode]]
+    per_sample = [boxes.data_ptr(), scale_t.data_ptr() if scale_t is not None else None,
+                  offset_t.data_ptr() if offset_t is not None else None, n, k, h, w, num_classes, MODES[mode]]
     if device.type == "cuda":
+        ids = _check_class_ids(class_ids, num_classes)
+        args = [scores.data_ptr(), SCORE_TYPES[scores.dtype], ids.data_ptr(), *per_sample]
         if not library.relabel_pool_has_cuda():
             raise RuntimeError("pool_labels on CUDA tensors needs the pooling library built with nvcc "
                                "(unset RELABEL_DALI_NO_CUDA and make nvcc available)")
@@ -113,7 +114,14 @@ def pool_labels(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tens
         stream = torch.cuda.current_stream(device).cuda_stream
         code = library.relabel_pool_cuda(*args, stream, out.data_ptr(), err, len(err))
     elif device.type == "cpu":
-        code = library.relabel_pool_cpu(*args, torch.get_num_threads(), out.data_ptr(), err, len(err))
+        # No torch ops here: their OpenMP workers would keep spinning on the cores the native
+        # threads need. The native entry validates and converts the ids itself.
+        if class_ids.dtype not in ID_TYPES:
+            class_ids = class_ids.to(torch.int64)
+        class_ids = class_ids.contiguous()
+        code = library.relabel_pool_cpu(scores.data_ptr(), SCORE_TYPES[scores.dtype], class_ids.data_ptr(),
+                                        ID_TYPES[class_ids.dtype], *per_sample, torch.get_num_threads(),
+                                        out.data_ptr(), err, len(err))
     else:
         raise ValueError(f"pool_labels runs on cpu or cuda tensors, got {device}")
     if code != 0:

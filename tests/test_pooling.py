@@ -179,13 +179,27 @@ class TestPoolLabelsErrors:
     def test_class_id_out_of_range(self, bad_id):
         class_ids = self.class_ids.clone()
         class_ids[1, 2, 3, 4] = bad_id
-        with pytest.raises(ValueError, match=rf"sample 1: class id {bad_id} at \[k, y, x\] = \[2, 3, 4\]"):
+        with pytest.raises(ValueError, match=rf"sample 1: class id {bad_id} at \[k, y, x\] = \[2, 3, 4\] is outside"):
             pool_labels(self.scores, class_ids, self.boxes, 100)
+
+    @pytest.mark.parametrize("threads", [1, 2])
+    def test_lowest_bad_sample_is_reported_whatever_the_threads(self, threads):
+        scores, class_ids = random_topk_maps(512, 5, 15, 15, 100, torch.Generator().manual_seed(3))
+        boxes = torch.tensor([[0.1, 0.1, 0.9, 0.9]]).repeat(512, 1)
+        boxes[400] = torch.tensor([0.5, 0.5, 0.2, 0.9])
+        class_ids[300, 0, 0, 0] = 100
+        previous = torch.get_num_threads()
+        try:
+            torch.set_num_threads(threads)
+            with pytest.raises(ValueError, match=r"^sample 300: class id 100"):
+                pool_labels(scores, class_ids, boxes, 100)
+        finally:
+            torch.set_num_threads(previous)
 
     def test_uint16_class_id_out_of_range_reported_by_native_check(self):
         class_ids = self.class_ids.to(torch.uint16)
         class_ids[2, 0, 1, 1] = 300
-        with pytest.raises(ValueError, match=r"sample 2: class id 300 at \[k, y, x\] = \[0, 1, 1\]"):
+        with pytest.raises(ValueError, match=r"sample 2: class id 300 at \[k, y, x\] = \[0, 1, 1\] is outside"):
             pool_labels(self.scores, class_ids, self.boxes, 100)
 
     @pytest.mark.parametrize("kwargs, error, match", [

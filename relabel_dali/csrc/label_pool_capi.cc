@@ -2,7 +2,9 @@
 #include "label_pool_capi.h"
 
 #include <algorithm>
+#include <climits>
 #include <cstdarg>
+#include <functional>
 #include <cstdio>
 #include <thread>
 #include <vector>
@@ -29,11 +31,60 @@ int fail(char *err, int err_len, int code, const char *format, ...) {
   return code;
 }
 
+// Class ids of any integer dtype -> uint16, checking the range on the way (the entry point may be
+// handed int64 tensors; converting here avoids a separate pass in the caller).
+template <typename Id>
+long long convert_ids(const void *ids, size_t count, int num_classes, uint16_t *out) {
+  const Id *typed = static_cast<const Id *>(ids);
+  for (size_t i = 0; i < count; ++i) {
+    const long long id = static_cast<long long>(typed[i]);
+    if (id < 0 || id >= num_classes) return static_cast<long long>(i);
+    out[i] = static_cast<uint16_t>(id);
+  }
+  return -1;
+}
+
+long long checked_ids(const void *ids, int id_type, size_t count, int num_classes, uint16_t *buffer,
+                      const uint16_t **result) {
+  switch (id_type) {
+    case RELABEL_ID_UINT16:
+      *result = static_cast<const uint16_t *>(ids);
+      return relabel_dali::first_bad_class_id(*result, count, num_classes);
+    case RELABEL_ID_INT16:
+      *result = buffer;
+      return convert_ids<int16_t>(ids, count, num_classes, buffer);
+    case RELABEL_ID_INT32:
+      *result = buffer;
+      return convert_ids<int32_t>(ids, count, num_classes, buffer);
+    case RELABEL_ID_INT64:
+      *result = buffer;
+      return convert_ids<int64_t>(ids, count, num_classes, buffer);
+    default:
+      *result = buffer;
+      return convert_ids<uint8_t>(ids, count, num_classes, buffer);
+  }
+}
+
+long long id_value(const void *ids, int id_type, size_t i) {
+  switch (id_type) {
+    case RELABEL_ID_UINT16: return static_cast<const uint16_t *>(ids)[i];
+    case RELABEL_ID_INT16: return static_cast<const int16_t *>(ids)[i];
+    case RELABEL_ID_INT32: return static_cast<const int32_t *>(ids)[i];
+    case RELABEL_ID_INT64: return static_cast<const int64_t *>(ids)[i];
+    default: return static_cast<const uint8_t *>(ids)[i];
+  }
+}
+
+size_t id_size(int id_type) {
+  return id_type == RELABEL_ID_INT64 ? 8 : id_type == RELABEL_ID_INT32 ? 4 : id_type == RELABEL_ID_UINT8 ? 1 : 2;
+}
+
 }  // namespace
 
-extern "C" int relabel_pool_cpu(const void *scores, int score_type, const uint16_t *class_ids, const float *boxes,
-                                const float *scale, const float *offset, int64_t n, int k, int h, int w,
-                                int num_classes, int mode, int num_threads, float *out, char *err, int err_len) {
+extern "C" int relabel_pool_cpu(const void *scores, int score_type, const void *class_ids, int id_type,
+                                const float *boxes, const float *scale, const float *offset, int64_t n, int k, int h,
+                                int w, int num_classes, int mode, int num_threads, float *out, char *err,
+                                int err_len) {
   if (n < 0 || k < 1 || h < 1 || w < 1)
     return fail(err, err_len, RELABEL_BAD_ARGUMENT, "map shape [n, k, h, w] = [%lld, %d, %d, %d] must be positive",
                 static_cast<long long>(n), k, h, w);
@@ -43,49 +94,71 @@ extern "C" int relabel_pool_cpu(const void *scores, int score_type, const uint16
     return fail(err, err_len, RELABEL_BAD_ARGUMENT, "unknown mode code %d", mode);
   if (score_type < relabel_dali::kScoreFloat32 || score_type > relabel_dali::kScoreUint8)
     return fail(err, err_len, RELABEL_BAD_ARGUMENT, "unknown score type code %d", score_type);
+  if (id_type < RELABEL_ID_UINT16 || id_type > RELABEL_ID_UINT8)
+    return fail(err, err_len, RELABEL_BAD_ARGUMENT, "unknown class id type code %d", id_type);
 
   const size_t entries = static_cast<size_t>(k) * h * w;
-  for (int64_t i = 0; i < n; ++i) {
-    const float *box = boxes + 4 * i;
-    if (!relabel_dali::is_global(mode)) {
-      if (const char *problem = relabel_dali::box_problem(box))
-        return fail(err, err_len, RELABEL_BAD_BOX, "sample %lld: box (x0, y0, x1, y1) = (%g, %g, %g, %g) %s",
-                    static_cast<long long>(i), box[0], box[1], box[2], box[3], problem);
-    }
-    const long long bad = relabel_dali::first_bad_class_id(class_ids + i * entries, entries, num_classes);
-    if (bad >= 0)
-      return fail(err, err_len, RELABEL_BAD_CLASS_ID,
-                  "sample %lld: class id %d at [k, y, x] = [%lld, %lld, %lld] is >= num_classes %d",
-                  static_cast<long long>(i), class_ids[i * entries + bad], bad / (h * w), (bad / w) % h, bad % w,
-                  num_classes);
-  }
-
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n / 64)));
-  auto run = [&](int64_t first, int64_t last) {
+  // Validation runs inside the workers; each reports its first bad sample and the lowest one wins,
+  // so the error does not depend on the thread count.
+  struct Failure {
+    int64_t sample = INT64_MAX;
+    int code = RELABEL_OK;
+    char message[512] = {0};
+  };
+  auto run = [&](int64_t first, int64_t last, Failure &failure) {
     relabel_dali::HostScratchBuffers scratch;
     scratch.Reserve(h, w, num_classes);
+    std::vector<uint16_t> converted(id_type == RELABEL_ID_UINT16 ? 0 : entries);
     for (int64_t i = first; i < last; ++i) {
+      const float *box = boxes + 4 * i;
+      if (!relabel_dali::is_global(mode)) {
+        if (const char *problem = relabel_dali::box_problem(box)) {
+          failure.sample = i;
+          failure.code = fail(failure.message, sizeof(failure.message), RELABEL_BAD_BOX,
+                              "sample %lld: box (x0, y0, x1, y1) = (%g, %g, %g, %g) %s", static_cast<long long>(i),
+                              box[0], box[1], box[2], box[3], problem);
+          return;
+        }
+      }
+      const void *sample_ids = static_cast<const char *>(class_ids) + i * entries * id_size(id_type);
+      const uint16_t *ids = nullptr;
+      const long long bad = checked_ids(sample_ids, id_type, entries, num_classes, converted.data(), &ids);
+      if (bad >= 0) {
+        failure.sample = i;
+        failure.code = fail(failure.message, sizeof(failure.message), RELABEL_BAD_CLASS_ID,
+                            "sample %lld: class id %lld at [k, y, x] = [%lld, %lld, %lld] is outside "
+                            "[0, num_classes - 1 = %d]",
+                            static_cast<long long>(i), id_value(sample_ids, id_type, bad), bad / (h * w),
+                            (bad / w) % h, bad % w, num_classes - 1);
+        return;
+      }
       const SampleView sample{static_cast<const char *>(scores) + i * entries * score_size(score_type),
                               score_type,
-                              class_ids + i * entries,
+                              ids,
                               k,
                               h,
                               w,
-                              boxes + 4 * i,
+                              box,
                               scale ? scale[i] : 1.0f,
                               offset ? offset[i] : 0.0f};
       relabel_dali::pool_sample_host(sample, num_classes, mode, out + i * num_classes, scratch.view);
     }
   };
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n / 64)));
+  std::vector<Failure> failures(threads);
   if (threads == 1) {
-    run(0, n);
-    return RELABEL_OK;
+    run(0, n, failures[0]);
+  } else {
+    std::vector<std::thread> workers;
+    const int64_t per_thread = (n + threads - 1) / threads;
+    for (int t = 0; t < threads; ++t)
+      workers.emplace_back(run, std::min(n, t * per_thread), std::min(n, (t + 1) * per_thread), std::ref(failures[t]));
+    for (auto &worker : workers) worker.join();
   }
-  std::vector<std::thread> workers;
-  const int64_t per_thread = (n + threads - 1) / threads;
-  for (int t = 0; t < threads; ++t)
-    workers.emplace_back(run, std::min(n, t * per_thread), std::min(n, (t + 1) * per_thread));
-  for (auto &worker : workers) worker.join();
+  const Failure *first = nullptr;
+  for (const auto &failure : failures)
+    if (failure.code != RELABEL_OK && (!first || failure.sample < first->sample)) first = &failure;
+  if (first) return fail(err, err_len, first->code, "%s", first->message);
   return RELABEL_OK;
 }
 

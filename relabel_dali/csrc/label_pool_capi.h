@@ -11,11 +11,14 @@ extern "C" {
 
 enum { RELABEL_OK = 0, RELABEL_BAD_ARGUMENT = 1, RELABEL_BAD_BOX = 2, RELABEL_BAD_CLASS_ID = 3, RELABEL_CUDA_ERROR = 4 };
 
-int relabel_pool_cpu(const void *scores, int score_type, const uint16_t *class_ids, const float *boxes,
+enum { RELABEL_ID_UINT16 = 0, RELABEL_ID_INT16 = 1, RELABEL_ID_INT32 = 2, RELABEL_ID_INT64 = 3, RELABEL_ID_UINT8 = 4 };
+
+// Validates every box and class id (any of the RELABEL_ID_* integer types), reporting the lowest bad sample.
+int relabel_pool_cpu(const void *scores, int score_type, const void *class_ids, int id_type, const float *boxes,
                      const float *scale, const float *offset, int64_t n, int k, int h, int w, int num_classes,
                      int mode, int num_threads, float *out, char *err, int err_len);
 
-// Device pointers; validation of boxes and class ids is the caller's (it would need a sync here).
+// Device pointers, uint16 class ids; validation of boxes and class ids is the caller's (it would need a sync here).
 int relabel_pool_cuda(const void *scores, int score_type, const uint16_t *class_ids, const float *boxes,
                       const float *scale, const float *offset, int64_t n, int k, int h, int w, int num_classes,
                       int mode, void *stream, float *out, char *err, int err_len);

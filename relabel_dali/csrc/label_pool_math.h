@@ -144,6 +144,20 @@ RL_HD inline float axis_weight(const AxisGrid &g, int index) {
   return sum / static_cast<float>(g.grid);
 }
 
+// All cell weights of the axis in one pass over the samples: O(grid) instead of axis_weight's
+// O(size * grid). Each cell receives its contributions in the same order, so the values match.
+inline void axis_weights(const AxisGrid &g, float *weights) {
+  for (int i = 0; i < g.size; ++i) weights[i] = 0.0f;
+  for (int i = 0; i < g.grid; ++i) {
+    int low, high;
+    float w_low, w_high;
+    if (!axis_sample(g, i, low, high, w_low, w_high)) continue;
+    weights[low] += w_low;
+    weights[high] += w_high;
+  }
+  for (int i = 0; i < g.size; ++i) weights[i] /= static_cast<float>(g.grid);
+}
+
 // Why a box cannot be pooled, or nullptr. Boxes are (x0, y0, x1, y1) with 0 <= x0 < x1 <= 1.
 inline const char *box_problem(const float *box) {
   for (int i = 0; i < 4; ++i) {
@@ -214,8 +228,8 @@ inline void pool_sample_host(const SampleView &s, int num_classes, int mode, flo
   } else {
     const AxisGrid gy = make_axis_grid(s.box[1], s.box[3], h);
     const AxisGrid gx = make_axis_grid(s.box[0], s.box[2], w);
-    for (int y = 0; y < h; ++y) scratch.row_w[y] = axis_weight(gy, y);
-    for (int x = 0; x < w; ++x) scratch.col_w[x] = axis_weight(gx, x);
+    axis_weights(gy, scratch.row_w);
+    axis_weights(gx, scratch.col_w);
   }
   for (int c = 0; c < num_classes; ++c) out[c] = 0.0f;
 
