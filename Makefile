@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed-dali-$(DALI_VARIANT)-$(DALI_VERSION)
 # The registry's default torch build (CUDA) is wanted: a local CPU-only wheel cannot load torchvision.
 PIP := PIP_FIND_LINKS= $(BIN)/python -m pip
 
-.PHONY: install demo demo-data test bench clean-venv
+.PHONY: install demo demo-data demo-labels test bench bench-loader check-demo clean-venv
 
 install: $(STAMP)
 
@@ -29,18 +29,36 @@ $(STAMP): pyproject.toml Makefile
 	rm -f $(VENV)/.installed-dali-*
 	touch $@
 
+# The demo: photos -> label maps from the real machine annotator -> shards -> train -> evaluate.
+# The generator's own spatially honest .pt maps are packed too (demo/labels_generated), which
+# exercises tools/pack_labels.py on official-format files.
+DEMO_ANNOTATE_SIZE ?= 480
+
 demo-data: $(STAMP)
 	$(BIN)/python tools/make_demo_data.py $(DEMO_DIR)/data
-	$(BIN)/python tools/pack_labels.py $(DEMO_DIR)/data/relabel_pt $(DEMO_DIR)/labels \
+	$(BIN)/python tools/pack_labels.py $(DEMO_DIR)/data/relabel_pt $(DEMO_DIR)/labels_generated \
 		--image-root $(DEMO_DIR)/data/train --dtype float16
 
-demo: demo-data
+demo-labels: demo-data
+	$(BIN)/python tools/relabel.py $(DEMO_DIR)/data/train $(DEMO_DIR)/labels \
+		--arch efficientnet-lite0 --size $(DEMO_ANNOTATE_SIZE) --batch-size 16 --dtype float16
+	$(BIN)/python tools/show_labels.py $(DEMO_DIR)/labels $(DEMO_DIR)/data/train --out $(DEMO_DIR)/figures \
+		--keys n01614925/n01614925_0005 --crops 4
+
+demo: demo-labels
+	$(BIN)/python train.py --config-file-path configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python tools/bench_labels.py --json bench_out/bench_labels.json
+	$(BIN)/python tools/bench_labels.py --json bench_out/bench_labels.json --plot bench_out/bench_labels.png
+	$(BIN)/python tools/bench_pool.py --json bench_out/bench_pool.json
+	$(BIN)/python tools/bench_loader.py --json bench_out/bench_loader.json --plot bench_out/bench_loader.png
+
+# Pre-flight scan of the demo data and its label shards (the same check works on ImageNet).
+check-demo: demo-labels
+	$(BIN)/python tools/check_dataset.py $(DEMO_DIR)/data/train --labels $(DEMO_DIR)/labels
 
 clean-venv:
 	rm -rf $(VENV)

@@ -15,6 +15,18 @@ _EXPORTS = {
     "LabelShardWriter": "relabel_dali.writer",
     "FormatError": "relabel_dali.format",
     "pool_labels": "relabel_dali.pooling",
+    "load_label_pool": "relabel_dali.ops",
+    "SampleSource": "relabel_dali.sources",
+    "BadSampleError": "relabel_dali.sources",
+    "build_train_loader": "relabel_dali.loader",
+    "build_val_loader": "relabel_dali.loader",
+    "DaliLoader": "relabel_dali.loader",
+    "cutmix_batch": "relabel_dali.cutmix",
+    "soft_target_cross_entropy": "relabel_dali.losses",
+    "load_config": "relabel_dali.config",
+    "build_annotator": "relabel_dali.annotator",
+    "DenseClassifier": "relabel_dali.annotator",
+    "topk_maps": "relabel_dali.annotator",
 }
 
 __all__ = sorted(_EXPORTS)
