@@ -39,14 +39,13 @@ def crop_box(shape, anchor, crop_shape):
                     (anchor[1] + crop_shape[1]) / width, (anchor[0] + crop_shape[0]) / height)
 
 
-def jitter_colours(images, strength: float):
-    """Brightness, contrast and saturation factors each uniform in [1 - s, 1 + s]."""
-    if strength <= 0:
-        return images
-    factor = [max(0.0, 1.0 - strength), 1.0 + strength]
-    return fn.color_twist(images, brightness=fn.random.uniform(range=factor),
-                          contrast=fn.random.uniform(range=factor),
-                          saturation=fn.random.uniform(range=factor))
+def lighting_offsets(lighting_std: float):
+    """Per-sample PCA lighting noise (0..1 scale), one value or node per channel."""
+    if lighting_std <= 0:
+        return (0.0, 0.0, 0.0)
+    alphas = [fn.random.normal(stddev=lighting_std) for _ in range(3)]
+    return tuple(sum(alphas[j] * (augment.PCA_EIGVEC[c][j] * augment.PCA_EIGVAL[j]) for j in range(3))
+                 for c in range(3))
 
 
 def lighting_mean(lighting_std: float):
@@ -57,12 +56,56 @@ def lighting_mean(lighting_std: float):
     """
     if lighting_std <= 0:
         return [255.0 * m for m in augment.IMAGENET_MEAN]
-    alphas = [fn.random.normal(stddev=lighting_std) for _ in range(3)]
-    channels = []
+    rgb = lighting_offsets(lighting_std)
+    return fn.stack(*[255.0 * (augment.IMAGENET_MEAN[c] - rgb[c]) for c in range(3)])
+
+
+def colour_affine(brightness, contrast, saturation, grey_mean, lighting):
+    """Rows of ``[M | T]`` (3 x 4, row-major) mapping a 0..255 RGB pixel to its jittered, lit and
+    normalized value. Arguments are DALI nodes or plain numbers alike (only arithmetic is used).
+
+    Brightness ``x -> b x``, contrast ``x -> c x + (1 - c) m 1`` (``m``: the image's mean grey at
+    that step) and saturation ``x -> s x + (1 - s) (w.x) 1`` all have the form
+    ``alpha I + beta 1 w^T`` plus a grey offset; since ``w.1 = 1`` that family is closed under
+    composition, and in every order the product is
+    ``b c s I + b c (1 - s) 1 w^T`` with offset ``b (1 - c) m0`` (``m0``: the input's mean grey).
+    Lighting adds ``255 rgb`` and normalization divides by ``255 std`` per output channel.
+    """
+    w = augment.GREY_WEIGHTS
+    diagonal = brightness * contrast * saturation
+    grey = brightness * contrast * (1.0 - saturation)
+    offset = brightness * (1.0 - contrast) * grey_mean
+    rows = []
     for c in range(3):
-        rgb = sum(alphas[j] * (augment.PCA_EIGVEC[c][j] * augment.PCA_EIGVAL[j]) for j in range(3))
-        channels.append(255.0 * (augment.IMAGENET_MEAN[c] - rgb))
-    return fn.stack(*channels)
+        scale = 1.0 / (255.0 * augment.IMAGENET_STD[c])
+        rows += [(grey * w[j] + diagonal if j == c else grey * w[j]) * scale for j in range(3)]
+        rows.append((offset + 255.0 * (lighting[c] - augment.IMAGENET_MEAN[c])) * scale)
+    return rows
+
+
+def colour_transform(images, brightness, contrast, saturation, lighting):
+    """Colour jitter, lighting and normalization of uint8 HWC RGB images in one pass, as float32 HWC.
+
+    The contrast centre is the mean grey of each image (torchvision's), from one reduction.
+    """
+    channel_means = fn.reductions.mean(images, axes=[0, 1], dtype=types.FLOAT)
+    grey_mean = sum(channel_means[c] * augment.GREY_WEIGHTS[c] for c in range(3))
+    rows = colour_affine(brightness, contrast, saturation, grey_mean, lighting)
+    matrix = fn.reshape(fn.stack(*rows), shape=[3, 4])
+    return fn.coord_transform(images, MT=matrix, dtype=types.FLOAT)
+
+
+def jitter_and_normalize(images, *, strength: float, lighting_std: float, mirror, dtype):
+    """The photometric half of the training graph: uint8 HWC in, normalized CHW ``dtype`` out."""
+    std = [255.0 * s for s in augment.IMAGENET_STD]
+    if strength <= 0:
+        return fn.crop_mirror_normalize(images, mean=lighting_mean(lighting_std), std=std, mirror=mirror,
+                                        dtype=dtype, output_layout="CHW")
+    factor = [max(0.0, 1.0 - strength), 1.0 + strength]
+    brightness, contrast, saturation = (fn.random.uniform(range=factor) for _ in range(3))
+    images = colour_transform(images, brightness, contrast, saturation, lighting_offsets(lighting_std))
+    # Already normalized: this pass only mirrors, transposes and converts.
+    return fn.crop_mirror_normalize(images, mean=0.0, std=1.0, mirror=mirror, dtype=dtype, output_layout="CHW")
 
 
 def training_pipeline(source, *, batch_size: int, num_threads: int, device_id: int | None, seed: int,
@@ -100,11 +143,9 @@ def training_pipeline(source, *, batch_size: int, num_threads: int, device_id: i
                                          adjust_orientation=exif, device="mixed" if gpu else "cpu")
         images = fn.resize(images, size=[image_size, image_size], interp_type=types.INTERP_LINEAR,
                            antialias=True)
-        images = jitter_colours(images, color_jitter)
-        images = fn.crop_mirror_normalize(
-            images, mean=lighting_mean(lighting_std), std=[255.0 * s for s in augment.IMAGENET_STD],
-            mirror=fn.random.coin_flip(probability=0.5) if flip else 0,
-            dtype=OUTPUT_DTYPES[dtype], output_layout="CHW")
+        images = jitter_and_normalize(images, strength=color_jitter, lighting_std=lighting_std,
+                                      mirror=fn.random.coin_flip(probability=0.5) if flip else 0,
+                                      dtype=OUTPUT_DTYPES[dtype])
         boxes = crop_box(shape, anchor, crop_shape)
         if use_relabel:
             scores, class_ids, scale, offset = outputs[1:5]

@@ -14,6 +14,9 @@ PCA_EIGVEC = (
 )
 LIGHTING_STD = 0.1
 COLOR_JITTER = 0.4  # brightness, contrast and saturation factors drawn from [1 - 0.4, 1 + 0.4]
+# The grey that contrast and saturation blend towards (ITU-R 601 luma, as PIL's "L" conversion).
+# The weights sum to 1, which is what lets the three jitter steps compose in any order (PIPELINE.md).
+GREY_WEIGHTS = (0.299, 0.587, 0.114)
 
 RANDOM_AREA = (0.08, 1.0)
 RANDOM_ASPECT_RATIO = (3 / 4, 4 / 3)

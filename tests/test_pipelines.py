@@ -1,6 +1,8 @@
 """The DALI graphs, CPU-only: crop boxes against the pixels decoded, pooled and one-hot targets,
-decoding of awkward files, the validation resize/centre crop."""
+the fused colour transform against step-by-step references, decoding of awkward files, the
+validation resize/centre crop."""
 import importlib.util
+import itertools
 
 import numpy as np
 import pytest
@@ -8,7 +10,9 @@ import torch
 from PIL import Image
 from test_sources import K, NUM_CLASSES, encode, gradient_image, make_dataset
 
-from pipelines.training import training_pipeline
+from nvidia.dali import fn, pipeline_def, types
+
+from pipelines.training import colour_transform, training_pipeline
 from pipelines.validation import validation_pipeline
 from relabel_dali import LabelShardReader, augment
 from relabel_dali.sources import SampleSource
@@ -121,6 +125,108 @@ class TestTargets:
         image_root, _, _ = make_dataset(tmp_path, labels=False)
         with pytest.raises(ValueError, match=message):
             plain(SampleSource(image_root, batch_size=4), **{argument: value})
+
+
+# PIL's "L" conversion: L = R * 299/1000 + G * 587/1000 + B * 114/1000.
+LUMA = np.array([0.299, 0.587, 0.114])
+STEPS = ("brightness", "contrast", "saturation")
+
+
+def run_colour_transform(images, params):
+    """``colour_transform`` on uint8 HWC ``images`` with per-sample (b, c, s, r, g, b) ``params``."""
+    def column(k):
+        return lambda: [np.array(p[k], np.float32) for p in params]
+
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, seed=0)
+    def graph():
+        x = fn.external_source(source=lambda: images, dtype=types.UINT8, ndim=3, layout="HWC")
+        # A source callable must take no argument, or DALI passes it the iteration number.
+        columns = [fn.external_source(source=column(k), dtype=types.FLOAT, ndim=0) for k in range(6)]
+        return colour_transform(x, *columns[:3], columns[3:])
+
+    pipe = graph()
+    pipe.build()
+    (out,) = pipe.run()
+    return [np.array(out[i]) for i in range(len(images))]
+
+
+def jitter_step_by_step(image, b, c, s, rgb, order):
+    """The three jitter maps applied one after another in ``order`` (no clipping), then lighting
+    and normalization, in float64: [H, W, 3] normalized."""
+    x = image.reshape(-1, 3).astype(np.float64)
+    for step in order:
+        if step == "brightness":
+            x = b * x
+        elif step == "contrast":
+            x = c * x + (1 - c) * (x @ LUMA).mean()
+        else:
+            x = s * x + (1 - s) * (x @ LUMA)[:, None]
+    x = (x + 255 * np.asarray(rgb) - 255 * np.array(augment.IMAGENET_MEAN)) / (255 * np.array(augment.IMAGENET_STD))
+    return x.reshape(image.shape)
+
+
+def smooth_images(count, shape, low, high, seed):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        coarse = rng.integers(low, high + 1, (4, 5, 3), np.uint8)
+        out.append(np.array(Image.fromarray(coarse).resize(shape[::-1], Image.BILINEAR)))
+    return out
+
+
+class TestColourTransform:
+    @pytest.mark.parametrize("order", list(itertools.permutations(STEPS)))
+    def test_equals_the_steps_in_any_order(self, order):
+        images = smooth_images(5, (12, 17), 0, 255, seed=len(order[0]))
+        params = [(0.6, 1.4, 1.0, 0.0, 0.0, 0.0), (1.4, 0.6, 0.6, 0.02, -0.01, 0.0),
+                  (1.0, 1.0, 1.4, -0.03, 0.01, 0.02), (0.83, 1.21, 0.7, 0.0, 0.05, -0.04),
+                  (1.0, 1.0, 1.0, 0.0, 0.0, 0.0)]
+        for image, p, out in zip(images, params, run_colour_transform(images, params)):
+            assert out.dtype == np.float32 and out.shape == image.shape
+            expected = jitter_step_by_step(image, *p[:3], p[3:], order)
+            np.testing.assert_allclose(out, expected, rtol=1e-5, atol=2e-4)
+
+    def test_equals_torchvision_where_nothing_clips(self):
+        from torchvision.transforms import functional as F
+
+        images = smooth_images(4, (16, 16), 90, 160, seed=3)
+        rng = np.random.default_rng(4)
+        params = [(*rng.uniform(0.8, 1.2, 3), *rng.normal(0, 0.02, 3)) for _ in images]
+        adjust = {"brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
+                  "saturation": F.adjust_saturation}
+        for image, p, out in zip(images, params, run_colour_transform(images, params)):
+            x = torch.from_numpy(image).permute(2, 0, 1).double() / 255
+            for k in rng.permutation(3):
+                x = adjust[STEPS[k]](x, float(p[k]))
+            assert 0 < x.min() and x.max() < 1  # the clipping of each step never applied
+            x = x + torch.tensor(p[3:], dtype=torch.float64).view(3, 1, 1)
+            expected = F.normalize(x, augment.IMAGENET_MEAN, augment.IMAGENET_STD).permute(1, 2, 0).numpy()
+            # torchvision's grey is 0.2989 R + 0.587 G + 0.114 B: a 1e-4 difference in the weights.
+            np.testing.assert_allclose(out, expected, atol=2e-3)
+
+    @pytest.mark.parametrize("dtype", ["float32", "float16"])
+    def test_jitter_factors_per_sample_in_range(self, tmp_path, dtype):
+        # On a flat image the output grey is b * grey (contrast about the image's own mean and
+        # saturation keep the grey), and the chroma is scaled by b * c * s.
+        colour = np.array([150.0, 90.0, 60.0])
+        (tmp_path / "c0").mkdir()
+        for i in range(16):
+            flat = np.broadcast_to(colour.astype(np.uint8), (20, 24, 3))
+            (tmp_path / "c0" / f"flat{i:02d}.JPEG").write_bytes(encode(np.ascontiguousarray(flat), "PNG"))
+        source = SampleSource(tmp_path, batch_size=8, seed=5)
+        out = run_epoch(plain(source, batch_size=8, image_size=8, color_jitter=0.4, dtype=dtype), NAMES)
+        x = pixels(out["images"]).reshape(16, 3, -1).astype(np.float64)
+        assert np.ptp(x, axis=2).max() < 0.5  # one affine map per image: a flat image stays flat
+        x = x.mean(axis=2)
+        grey = colour @ LUMA
+        brightness = x @ LUMA / grey
+        chroma = (x - (x @ LUMA)[:, None]) / (colour - grey)
+        tolerance = 2e-3 if dtype == "float32" else 1e-2
+        np.testing.assert_allclose(chroma, chroma.mean(axis=1, keepdims=True).repeat(3, 1), rtol=tolerance, atol=tolerance)
+        contrast_saturation = chroma.mean(axis=1) / brightness
+        assert np.all((brightness > 0.6 - tolerance) & (brightness < 1.4 + tolerance))
+        assert np.all((contrast_saturation > 0.36 - tolerance) & (contrast_saturation < 1.96 + tolerance))
+        assert brightness.std() > 0.1 and contrast_saturation.std() > 0.1
 
 
 class TestAwkwardFiles:
