@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import atomic_open
 from .models import strip_prefix
-from .writer import fsync_dir
 
 LAST_NAME = "checkpoint-last.pth"
 BEST_NAME = "checkpoint-best.pth"
@@ -20,35 +19,14 @@ FORMAT = "relabel_dali.checkpoint"
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """temp file + fsync + rename: a run killed while saving keeps the previous checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """A run killed while saving keeps the previous checkpoint."""
+    with atomic_open(path) as handle:
+        torch.save(obj, handle)
 
 
 def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_open(path) as handle, open(source, "rb") as original:
+        shutil.copyfileobj(original, handle)
 
 
 def rng_state() -> dict:

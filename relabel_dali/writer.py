@@ -9,37 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
 from . import format as fmt
+from .atomic import atomic_open, atomic_write_bytes
 from .reader import read_keys
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """temp file in the same folder + fsync + rename: readers see the old file or the new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def validate_map(scores: np.ndarray, class_ids: np.ndarray, geometry: fmt.Geometry) -> None:
@@ -67,12 +44,11 @@ class ShardBuilder:
         self.max_error = 0.0
         self._record = np.zeros((), dtype=writer.geometry.record_dtype)
         self._record_bytes = memoryview(self._record.reshape(1).view(np.uint8))
-        self._tmp = None
         self._handle = None
 
     def __enter__(self) -> "ShardBuilder":
-        fd, self._tmp = tempfile.mkstemp(dir=self.writer.out_dir, prefix=f".{self.path.name}.", suffix=".tmp")
-        self._handle = os.fdopen(fd, "wb")
+        self._stack = ExitStack()
+        self._handle = self._stack.enter_context(atomic_open(self.path))
         self._handle.write(b"\0" * fmt.HEADER_SIZE)  # the real header is written last
         return self
 
@@ -98,23 +74,14 @@ class ShardBuilder:
         return error
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        handle, self._handle = self._handle, None
-        if exc_type is not None:
-            handle.close()
-            Path(self._tmp).unlink(missing_ok=True)
-            return
-        try:
-            handle.seek(0)
-            handle.write(fmt.make_header(self.writer.geometry, len(self.keys)).tobytes())
-            handle.flush()
-            os.fsync(handle.fileno())
-            handle.close()
-            os.replace(self._tmp, self.path)
-        except BaseException:
-            handle.close()
-            Path(self._tmp).unlink(missing_ok=True)
-            raise
-        atomic_write_bytes(self.writer.keys_path(self.name), "".join(k + "\n" for k in self.keys).encode())
+        if exc_type is None:
+            self._handle.seek(0)
+            self._handle.write(fmt.make_header(self.writer.geometry, len(self.keys)).tobytes())
+        # Renames the finished shard into place, or removes the temporary file on an exception.
+        self._stack.__exit__(exc_type, exc, tb)
+        self._handle = None
+        if exc_type is None:
+            atomic_write_bytes(self.writer.keys_path(self.name), "".join(k + "\n" for k in self.keys).encode())
 
 
 class LabelShardWriter:

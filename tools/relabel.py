@@ -37,7 +37,8 @@ from tqdm import tqdm
 from relabel_dali import format as fmt
 from relabel_dali.annotator import build_annotator, topk_maps
 from relabel_dali.labelmaps import label_key, to_official
-from relabel_dali.writer import LabelShardWriter, atomic_write_bytes
+from relabel_dali.atomic import atomic_open, atomic_write_bytes
+from relabel_dali.writer import LabelShardWriter
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 SETTINGS_NAME = "relabel_settings.json"
@@ -173,11 +174,8 @@ def check_settings(out: Path, settings: dict, write: bool) -> None:
 
 
 def write_pt(root: Path, key: str, scores: np.ndarray, class_ids: np.ndarray) -> None:
-    path = root / f"{key}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(torch.from_numpy(to_official(scores, class_ids)), tmp)
-    os.replace(tmp, path)
+    with atomic_open(root / f"{key}.pt") as handle:
+        torch.save(torch.from_numpy(to_official(scores, class_ids)), handle)
 
 
 def class_of_folder(key: str) -> int | None:
