@@ -60,52 +60,52 @@ def lighting_mean(lighting_std: float):
     return fn.stack(*[255.0 * (augment.IMAGENET_MEAN[c] - rgb[c]) for c in range(3)])
 
 
-def colour_affine(brightness, contrast, saturation, grey_mean, lighting):
-    """Rows of ``[M | T]`` (3 x 4, row-major) mapping a 0..255 RGB pixel to its jittered, lit and
-    normalized value. Arguments are DALI nodes or plain numbers alike (only arithmetic is used).
+def folded_normalization(brightness, contrast, grey_mean, lighting):
+    """Per-sample ``(mean, std)`` (0..255 scale, one entry per channel) for ``crop_mirror_normalize``
+    that apply brightness, contrast, lighting and normalization to a saturation-adjusted image.
+    Arguments are DALI nodes or plain numbers alike (only arithmetic is used).
 
     Brightness ``x -> b x``, contrast ``x -> c x + (1 - c) m 1`` (``m``: the image's mean grey at
-    that step) and saturation ``x -> s x + (1 - s) (w.x) 1`` all have the form
-    ``alpha I + beta 1 w^T`` plus a grey offset; since ``w.1 = 1`` that family is closed under
-    composition, and in every order the product is
-    ``b c s I + b c (1 - s) 1 w^T`` with offset ``b (1 - c) m0`` (``m0``: the input's mean grey).
-    Lighting adds ``255 rgb`` and normalization divides by ``255 std`` per output channel.
+    that step) and saturation ``x -> s x + (1 - s) (w.x) 1`` are all ``alpha I + beta 1 w^T`` plus
+    a grey offset; since ``w.1 = 1`` that family is closed under composition, and in every order
+    the product is ``b c S_s(x) + b (1 - c) m0 1`` (``S_s``: the saturation map, ``m0``: the
+    input's mean grey). Only ``S_s`` mixes channels; the rest is a per-channel scale and shift,
+    and so are lighting (``+ 255 rgb``) and normalization.
     """
-    w = augment.GREY_WEIGHTS
-    diagonal = brightness * contrast * saturation
-    grey = brightness * contrast * (1.0 - saturation)
-    offset = brightness * (1.0 - contrast) * grey_mean
-    rows = []
-    for c in range(3):
-        scale = 1.0 / (255.0 * augment.IMAGENET_STD[c])
-        rows += [(grey * w[j] + diagonal if j == c else grey * w[j]) * scale for j in range(3)]
-        rows.append((offset + 255.0 * (lighting[c] - augment.IMAGENET_MEAN[c])) * scale)
-    return rows
+    scale = brightness * contrast
+    shift = brightness * (1.0 - contrast) * grey_mean
+    mean = [(255.0 * (augment.IMAGENET_MEAN[c] - lighting[c]) - shift) / scale for c in range(3)]
+    std = [255.0 * augment.IMAGENET_STD[c] / scale for c in range(3)]
+    return mean, std
 
 
-def colour_transform(images, brightness, contrast, saturation, lighting):
-    """Colour jitter, lighting and normalization of uint8 HWC RGB images in one pass, as float32 HWC.
+def colour_transform(images, brightness, contrast, saturation, lighting, *, mirror=0, dtype=types.FLOAT):
+    """Colour jitter, lighting, normalization, mirroring and CHW of uint8 HWC RGB images in two
+    passes: ``fn.saturation`` (the only channel mixing, to float: a uint8 output costs 3x more on
+    the CPU) and one ``crop_mirror_normalize`` with per-sample statistics for all the rest.
 
-    The contrast centre is the mean grey of each image (torchvision's), from one reduction.
+    The contrast centre is each image's mean grey (torchvision's), from one reduction.
     """
     channel_means = fn.reductions.mean(images, axes=[0, 1], dtype=types.FLOAT)
     grey_mean = sum(channel_means[c] * augment.GREY_WEIGHTS[c] for c in range(3))
-    rows = colour_affine(brightness, contrast, saturation, grey_mean, lighting)
-    matrix = fn.reshape(fn.stack(*rows), shape=[3, 4])
-    return fn.coord_transform(images, MT=matrix, dtype=types.FLOAT)
+    mean, std = folded_normalization(brightness, contrast, grey_mean, lighting)
+    images = fn.saturation(images, saturation=saturation, dtype=types.FLOAT)
+    return fn.crop_mirror_normalize(images, mean=fn.stack(*mean), std=fn.stack(*std), mirror=mirror,
+                                    dtype=dtype, output_layout="CHW")
 
 
 def jitter_and_normalize(images, *, strength: float, lighting_std: float, mirror, dtype):
     """The photometric half of the training graph: uint8 HWC in, normalized CHW ``dtype`` out."""
-    std = [255.0 * s for s in augment.IMAGENET_STD]
     if strength <= 0:
-        return fn.crop_mirror_normalize(images, mean=lighting_mean(lighting_std), std=std, mirror=mirror,
+        return fn.crop_mirror_normalize(images, mean=lighting_mean(lighting_std),
+                                        std=[255.0 * s for s in augment.IMAGENET_STD], mirror=mirror,
                                         dtype=dtype, output_layout="CHW")
-    factor = [max(0.0, 1.0 - strength), 1.0 + strength]
+    # torchvision's range is [max(0, 1 - s), 1 + s]; a factor of exactly 0 would divide by zero
+    # in the folded statistics, so the floor is a hair above it.
+    factor = [max(1e-3, 1.0 - strength), 1.0 + strength]
     brightness, contrast, saturation = (fn.random.uniform(range=factor) for _ in range(3))
-    images = colour_transform(images, brightness, contrast, saturation, lighting_offsets(lighting_std))
-    # Already normalized: this pass only mirrors, transposes and converts.
-    return fn.crop_mirror_normalize(images, mean=0.0, std=1.0, mirror=mirror, dtype=dtype, output_layout="CHW")
+    return colour_transform(images, brightness, contrast, saturation, lighting_offsets(lighting_std),
+                            mirror=mirror, dtype=dtype)
 
 
 def training_pipeline(source, *, batch_size: int, num_threads: int, device_id: int | None, seed: int,
