@@ -79,18 +79,38 @@ def folded_normalization(brightness, contrast, grey_mean, lighting):
     return mean, std
 
 
-def colour_transform(images, brightness, contrast, saturation, lighting, *, mirror=0, dtype=types.FLOAT):
-    """Colour jitter, lighting, normalization, mirroring and CHW of uint8 HWC RGB images in two
-    passes: ``fn.saturation`` (the only channel mixing, to float: a uint8 output costs 3x more on
-    the CPU) and one ``crop_mirror_normalize`` with per-sample statistics for all the rest.
+def per_sample(values):
+    """A list of numbers as is, or one DALI node stacking values of which some are nodes."""
+    return list(values) if all(isinstance(v, (int, float)) for v in values) else fn.stack(*values)
 
-    The contrast centre is each image's mean grey (torchvision's), from one reduction.
+
+def colour_transform(images, brightness, contrast, saturation, lighting, *, mirror=0, dtype=types.FLOAT,
+                     fold: bool | None = None):
+    """Colour jitter, lighting, normalization, mirroring and CHW of uint8 HWC RGB images.
+
+    ``fn.saturation`` (the only channel mixing; to float, as a uint8 output costs 3x more on the
+    CPU), then one ``crop_mirror_normalize`` whose per-sample statistics also carry brightness and
+    contrast (``fold``, the CPU default). The contrast centre is each image's mean grey
+    (torchvision's), from one reduction. Operator arguments must live on the CPU while a GPU
+    image's statistics live on the GPU, so a GPU graph (``fold=False``, its default) applies
+    brightness and contrast with one arithmetic pass instead.
     """
+    gpu = images.device == "gpu"
+    fold = not gpu if fold is None else fold
+    if fold and gpu:
+        raise ValueError("fold=True needs CPU images: the GPU reduction cannot feed CPU arguments")
     channel_means = fn.reductions.mean(images, axes=[0, 1], dtype=types.FLOAT)
     grey_mean = sum(channel_means[c] * augment.GREY_WEIGHTS[c] for c in range(3))
-    mean, std = folded_normalization(brightness, contrast, grey_mean, lighting)
     images = fn.saturation(images, saturation=saturation, dtype=types.FLOAT)
-    return fn.crop_mirror_normalize(images, mean=fn.stack(*mean), std=fn.stack(*std), mirror=mirror,
+    if not fold:
+        scale, shift = brightness * contrast, brightness * (1.0 - contrast)
+        if gpu:
+            scale, shift = scale.gpu(), shift.gpu()
+        images = images * scale + shift * grey_mean
+        brightness = contrast = 1.0
+        grey_mean = 0.0
+    mean, std = folded_normalization(brightness, contrast, grey_mean, lighting)
+    return fn.crop_mirror_normalize(images, mean=per_sample(mean), std=per_sample(std), mirror=mirror,
                                     dtype=dtype, output_layout="CHW")
 
 

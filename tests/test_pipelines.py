@@ -135,7 +135,7 @@ STEPS = ("brightness", "contrast", "saturation")
 GREY_LEVEL = 1 / (255 * min(augment.IMAGENET_STD))  # one grey level, normalized
 
 
-def run_colour_transform(images, params):
+def run_colour_transform(images, params, fold=None):
     """``colour_transform`` on uint8 HWC ``images`` with per-sample (b, c, s, r, g, b) ``params``,
     back in HWC."""
     def column(k):
@@ -146,7 +146,7 @@ def run_colour_transform(images, params):
         x = fn.external_source(source=lambda: images, dtype=types.UINT8, ndim=3, layout="HWC")
         # A source callable must take no argument, or DALI passes it the iteration number.
         columns = [fn.external_source(source=column(k), dtype=types.FLOAT, ndim=0) for k in range(6)]
-        return colour_transform(x, *columns[:3], columns[3:])
+        return colour_transform(x, *columns[:3], columns[3:], fold=fold)
 
     pipe = graph()
     pipe.build()
@@ -179,13 +179,15 @@ def smooth_images(count, shape, low, high, seed):
 
 
 class TestColourTransform:
+    # fold=False is the GPU graph's arithmetic pass, run here on the CPU.
+    @pytest.mark.parametrize("fold", [True, False])
     @pytest.mark.parametrize("order", list(itertools.permutations(STEPS)))
-    def test_equals_the_steps_in_any_order(self, order):
+    def test_equals_the_steps_in_any_order(self, order, fold):
         images = smooth_images(5, (12, 17), 0, 255, seed=len(order[0]))
         params = [(0.6, 1.4, 1.0, 0.0, 0.0, 0.0), (1.4, 0.6, 0.6, 0.02, -0.01, 0.0),
                   (1.0, 1.0, 1.4, -0.03, 0.01, 0.02), (0.83, 1.21, 0.7, 0.0, 0.05, -0.04),
                   (1.0, 1.0, 1.0, 0.0, 0.0, 0.0)]
-        for image, p, out in zip(images, params, run_colour_transform(images, params)):
+        for image, p, out in zip(images, params, run_colour_transform(images, params, fold)):
             assert out.dtype == np.float32 and out.shape == image.shape
             expected = jitter_step_by_step(image, *p[:3], p[3:], order)
             np.testing.assert_allclose(out, expected, rtol=0, atol=0.35 * GREY_LEVEL)
@@ -207,6 +209,16 @@ class TestColourTransform:
             expected = F.normalize(x, augment.IMAGENET_MEAN, augment.IMAGENET_STD).permute(1, 2, 0).numpy()
             # torchvision's grey is 0.2989 R + 0.587 G + 0.114 B: a 1e-4 difference in the weights.
             np.testing.assert_allclose(out, expected, rtol=0, atol=0.4 * GREY_LEVEL)
+
+    def test_fold_needs_cpu_images(self):
+        # Only defines the graph: no GPU is needed to reach the check.
+        @pipeline_def(batch_size=2, num_threads=1, device_id=0)
+        def graph():
+            x = fn.external_source(source=lambda: [], dtype=types.UINT8, ndim=3, layout="HWC").gpu()
+            return colour_transform(x, 1.0, 1.0, 1.0, (0.0, 0.0, 0.0), fold=True)
+
+        with pytest.raises(ValueError, match="fold=True needs CPU images"):
+            graph()
 
     @pytest.mark.parametrize("dtype", ["float32", "float16"])
     def test_jitter_factors_per_sample_in_range(self, tmp_path, dtype):
