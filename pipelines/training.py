@@ -170,10 +170,10 @@ def training_pipeline(source, *, batch_size: int, num_threads: int, device_id: i
         if use_relabel:
             scores, class_ids, scale, offset = outputs[1:5]
             if gpu:
-                scores, class_ids, pool_boxes = scores.gpu(), class_ids.gpu(), boxes.gpu()
-            else:
-                pool_boxes = boxes
-            targets = fn.label_pool(scores, class_ids, pool_boxes, scale=scale, offset=offset,
+                scores, class_ids = scores.gpu(), class_ids.gpu()
+            # Boxes stay a CPU input on both backends: the operator checks them on the host and
+            # hands them to its kernel without a device-to-host copy.
+            targets = fn.label_pool(scores, class_ids, boxes, scale=scale, offset=offset,
                                     num_classes=num_classes, mode=pool_mode,
                                     device="gpu" if gpu else "cpu")
         else:
