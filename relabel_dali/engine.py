@@ -86,9 +86,12 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
     if use_relabel and not cfg.data.relabel.path:
         raise ValueError("data.relabel.use is true but data.relabel.path is empty: point it at the "
                          "packed label shards (tools/pack_labels.py) or set --data.relabel.use False")
-    if cfg.data.reseed_per_epoch and env.device.type == "cuda" and cfg.data.start_method == "fork":
-        raise ValueError("data.reseed_per_epoch rebuilds the pipeline every epoch, after CUDA is "
-                         "initialised, where DALI cannot fork: set --data.start_method spawn")
+    if env.device.type == "cuda" and cfg.data.start_method == "fork":
+        # Building the first GPU pipeline initialises CUDA in this process, so the validation
+        # pipeline (and any per-epoch rebuild) would have to fork after it, which DALI refuses.
+        raise ValueError("data.start_method fork cannot work on the GPU: building the training pipeline "
+                         "initialises CUDA, after which DALI cannot fork the validation pipeline's (or a "
+                         "reseed_per_epoch rebuild's) workers: set --data.start_method spawn")
     train_factory = partial(
         loader.build_train_loader, root / cfg.data.train_folder,
         cfg.data.relabel.path if use_relabel else None,

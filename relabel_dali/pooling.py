@@ -112,7 +112,9 @@ def pool_labels(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tens
         if MODES[mode] < 2:
             _check_boxes_on_device(boxes)
         stream = torch.cuda.current_stream(device).cuda_stream
-        code = library.relabel_pool_cuda(*args, stream, out.data_ptr(), err, len(err))
+        # A launch goes to the calling thread's current device, which must own the stream.
+        with torch.cuda.device(device):
+            code = library.relabel_pool_cuda(*args, stream, out.data_ptr(), err, len(err))
     elif device.type == "cpu":
         # No torch ops here: their OpenMP workers would keep spinning on the cores the native
         # threads need. The native entry validates and converts the ids itself.

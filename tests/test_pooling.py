@@ -273,3 +273,14 @@ class TestPoolLabelsCuda:
         boxes = torch.tensor([[0.1, 0.1, 0.9, 0.9], [0.5, 0.5, 0.4, 0.9]], device="cuda")
         with pytest.raises(ValueError, match="sample 1: box"):
             pool_labels(scores.cuda(), class_ids.cuda(), boxes, 100)
+
+    @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+    def test_tensors_on_another_device_than_the_current_one(self):
+        g = torch.Generator().manual_seed(41)
+        scores, class_ids = random_topk_maps(64, 5, 15, 15, 1000, g)
+        boxes = random_boxes(64, g)
+        cpu = pool_labels(scores, class_ids, boxes, 1000)
+        with torch.cuda.device(0):
+            other = pool_labels(scores.to("cuda:1"), class_ids.to("cuda:1"), boxes.to("cuda:1"), 1000)
+        assert other.device == torch.device("cuda", 1)
+        torch.testing.assert_close(other.cpu(), cpu, atol=TOL, rtol=0)

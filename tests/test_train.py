@@ -15,7 +15,7 @@ from PIL import Image
 import train
 from relabel_dali import LabelShardWriter
 from relabel_dali.config import parse_command_line
-from relabel_dali.distributed import init_distributed
+from relabel_dali.distributed import DistEnv, init_distributed
 from relabel_dali.engine import build_data
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,6 +151,18 @@ class TestCommandLine:
     def test_unknown_key_exits_2(self, capsys):
         assert train.main(["--optim.epoch", "3"]) == 2
         assert "did you mean 'optim.epochs'" in capsys.readouterr().err
+
+
+class TestBuildData:
+    @pytest.mark.parametrize("reseed", ["True", "False"])
+    def test_fork_is_refused_on_the_gpu(self, tmp_path, reseed):
+        # The second GPU pipeline would fork after the first initialised CUDA. The check comes
+        # before any pipeline is built, so it runs without a GPU.
+        cfg, _ = parse_command_line(["--data.data_path", str(tmp_path), "--data.relabel.use", "False",
+                                     "--data.start_method", "fork", "--data.reseed_per_epoch", reseed])
+        env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
+        with pytest.raises(ValueError, match="start_method fork cannot work on the GPU.*spawn"):
+            build_data(cfg, env)
 
 
 DRIVER = textwrap.dedent("""

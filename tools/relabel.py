@@ -209,7 +209,10 @@ def relabel(args: argparse.Namespace) -> int:
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if not use_cuda:
+    if use_cuda:
+        # Before the first barrier: NCCL and every bare CUDA call use the current device.
+        torch.cuda.set_device(device)
+    else:
         torch.set_num_threads(args.threads)
 
     images = find_images(args.image_root)

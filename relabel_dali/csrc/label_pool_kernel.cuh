@@ -68,10 +68,12 @@ __device__ inline float block_sum(float v, float *shared) {
 // Needs (s.h + s.w) floats of dynamic shared memory and blockDim.x == kPoolBlock.
 // Class ids >= num_classes are skipped (memory safety): the host validates them where it can.
 __device__ inline void pool_sample_device(const DeviceSample &s, int score_type, int num_classes, int mode) {
-  extern __shared__ float axis_weights[];
+  // Not named axis_weights: that names the host function of label_pool_math.h in this namespace,
+  // a conflicting redeclaration that nvcc lets through with only a warning (#159-D).
+  extern __shared__ float shared_axis_weights[];
   __shared__ ArgBest best_shared[kPoolBlock / 32];
   __shared__ float sum_shared[kPoolBlock / 32];
-  float *row_w = axis_weights, *col_w = axis_weights + s.h;
+  float *row_w = shared_axis_weights, *col_w = shared_axis_weights + s.h;
   const int tid = threadIdx.x;
 
   for (int c = tid; c < num_classes; c += kPoolBlock) s.out[c] = 0.0f;
