@@ -70,6 +70,16 @@ def resolve_class_map(class_map: str):
     return class_map
 
 
+def resolve_start_method(start_method: str, device: torch.device) -> str:
+    """``auto``: fork (fast) on the CPU, spawn on the GPU, where DALI cannot fork once the first
+    pipeline has initialised CUDA."""
+    if start_method == "auto":
+        return "spawn" if device.type == "cuda" else "fork"
+    if start_method not in ("fork", "spawn"):
+        raise ValueError(f"data.start_method {start_method!r}: expected auto, fork or spawn")
+    return start_method
+
+
 def build_data(cfg: Config, env: DistEnv) -> Data:
     """The trainer's only contact with the data path. Call it before CUDA is touched: DALI's
     forked workers refuse a process with CUDA initialised."""
@@ -79,14 +89,15 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
 
     root = Path(cfg.data.data_path)
     device = str(env.device) if env.device.type == "cuda" else "cpu"
+    start_method = resolve_start_method(cfg.data.start_method, env.device)
     common = dict(image_size=cfg.data.image_size, rank=env.rank, world_size=env.world_size, device=device,
                   class_map=resolve_class_map(cfg.data.class_map), num_threads=cfg.data.num_threads,
-                  py_workers=cfg.data.py_workers, start_method=cfg.data.start_method)
+                  py_workers=cfg.data.py_workers, start_method=start_method)
     use_relabel = cfg.data.relabel.use
     if use_relabel and not cfg.data.relabel.path:
         raise ValueError("data.relabel.use is true but data.relabel.path is empty: point it at the "
                          "packed label shards (tools/pack_labels.py) or set --data.relabel.use False")
-    if env.device.type == "cuda" and cfg.data.start_method == "fork":
+    if env.device.type == "cuda" and start_method == "fork":
         # Building the first GPU pipeline initialises CUDA in this process, so the validation
         # pipeline (and any per-epoch rebuild) would have to fork after it, which DALI refuses.
         raise ValueError("data.start_method fork cannot work on the GPU: building the training pipeline "

@@ -16,7 +16,7 @@ import train
 from relabel_dali import LabelShardWriter
 from relabel_dali.config import parse_command_line
 from relabel_dali.distributed import DistEnv, init_distributed
-from relabel_dali.engine import build_data
+from relabel_dali.engine import build_data, resolve_start_method
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("n01440764", "n01443537", "n01484850")
@@ -163,6 +163,14 @@ class TestBuildData:
         env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
         with pytest.raises(ValueError, match="start_method fork cannot work on the GPU.*spawn"):
             build_data(cfg, env)
+
+
+    @pytest.mark.parametrize("device, expected", [("cpu", "fork"), ("cuda", "spawn")])
+    def test_auto_start_method(self, device, expected):
+        assert resolve_start_method("auto", torch.device(device)) == expected
+        assert resolve_start_method("spawn", torch.device(device)) == "spawn"
+        with pytest.raises(ValueError, match="start_method 'thread': expected auto, fork or spawn"):
+            resolve_start_method("thread", torch.device(device))
 
 
 DRIVER = textwrap.dedent("""
