@@ -199,7 +199,8 @@ def encode_scores(scores: np.ndarray, score_code: int) -> tuple[np.ndarray, floa
 def decode_scores(stored: np.ndarray, scale: float, offset: float) -> np.ndarray:
     """Stored scores -> float32, the formula the pooling operator applies too."""
     if stored.dtype == np.uint8:
-        values = np.multiply(stored, np.float32(scale), dtype=np.float32)
+        values = stored.astype(np.float32)
+        values *= np.float32(scale)
         values += np.float32(offset)
         return values
     return stored.astype(np.float32)

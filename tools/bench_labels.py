@@ -44,18 +44,23 @@ def make_tree(root: Path, records: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def time_reads(reader: LabelShardReader, reads: int, seed: int = 1) -> float:
+def time_reads(reader: LabelShardReader, reads: int, repeats: int, seed: int = 1) -> float:
+    """Best of ``repeats`` passes: on a shared machine the best pass is the least disturbed one."""
     keys = [reader.keys[i] for i in np.random.default_rng(seed).integers(0, len(reader), reads)]
-    started = time.perf_counter()
-    for key in keys:
-        reader[key]
-    return reads / (time.perf_counter() - started)
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for key in keys:
+            reader[key]
+        rates.append(reads / (time.perf_counter() - started))
+    return max(rates)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=20000)
-    parser.add_argument("--reads", type=int, default=200000)
+    parser.add_argument("--reads", type=int, default=100000, help="random reads per timed pass")
+    parser.add_argument("--repeats", type=int, default=3, help="timed read passes; the best is reported")
     parser.add_argument("--workers", type=int, default=1, help="pack_labels --workers")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plot", type=Path, help="write a bar chart here (PNG)")
@@ -63,7 +68,7 @@ def main(argv=None) -> int:
 
     results = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                            "processor": platform.processor()},
-               "records": args.records, "reads": args.reads, "dtypes": {}}
+               "records": args.records, "reads": args.reads, "repeats": args.repeats, "dtypes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
         paths = make_tree(src, args.records)
@@ -86,7 +91,7 @@ def main(argv=None) -> int:
             shard_bytes = sum(p.stat().st_size for p in reader.shard_paths)
             results["dtypes"][dtype] = {
                 "pack_records_per_s": args.records / pack_seconds,
-                "read_records_per_s": time_reads(reader, args.reads),
+                "read_records_per_s": time_reads(reader, args.reads, args.repeats),
                 "bytes_per_record": shard_bytes / len(reader),
                 "record_size": reader.geometry.record_dtype.itemsize,
             }
