@@ -7,12 +7,15 @@ canonical ``[k, y, x]``; ``layout="yx"`` takes maps that already are ``[k, y, x]
 """
 from __future__ import annotations
 
-from pathlib import Path
+import glob
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 LABEL_SUFFIXES = (".pt", ".npy", ".npz")
 LAYOUTS = ("official", "yx")
+# Images the tools and the sample source recognise (compared lower-case: .JPEG counts).
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class LabelMapError(ValueError):
@@ -85,6 +88,26 @@ def to_official(scores: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
     return np.stack([np.asarray(scores, np.float32), np.asarray(class_ids, np.float32)]).transpose(0, 1, 3, 2).copy()
 
 
+def sample_key(relative_path: str) -> str:
+    """Sample key of a POSIX path relative to its root: the path without its extension."""
+    return PurePosixPath(relative_path).with_suffix("").as_posix()
+
+
 def label_key(path: Path, root: Path) -> str:
-    """Sample key: the path relative to ``root``, POSIX separators, extension removed."""
-    return path.relative_to(root).with_suffix("").as_posix()
+    """Sample key of ``path`` under ``root`` (label file or image alike)."""
+    return sample_key(path.relative_to(root).as_posix())
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def find_image(root: Path, key: str) -> Path:
+    """The image file of ``key`` under ``root``, whatever the case of its extension."""
+    folder = (root / key).parent
+    stem = PurePosixPath(key).name
+    if folder.is_dir():
+        for path in sorted(folder.glob(f"{glob.escape(stem)}.*")):
+            if path.stem == stem and is_image(path):
+                return path
+    raise FileNotFoundError(f"{root}: no image for key {key!r} ({'/'.join(IMAGE_SUFFIXES)}, any case)")

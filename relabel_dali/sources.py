@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .labelmaps import is_image, sample_key
 from .reader import LabelShardReader
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 REMAINDER_POLICIES = ("pad", "drop", "mask")
 BAD_SAMPLE_POLICIES = ("fail", "skip")
 # A JPEG may carry a few bytes after its end-of-image marker; the marker is searched this far back.
@@ -83,8 +83,7 @@ def list_images(image_root, *, file_list=None, class_map="folder") -> Listing:
         lines = Path(file_list).read_text(encoding="utf-8").splitlines()
         paths = sorted(line.strip() for line in lines if line.strip())
     else:
-        paths = sorted(p.relative_to(root).as_posix() for p in root.glob("*/*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = sorted(p.relative_to(root).as_posix() for p in root.glob("*/*") if is_image(p))
     if not paths:
         raise ValueError(f"image root {root}: no images found (expected <root>/<class>/<file>)")
     folders = sorted({path.split("/")[0] for path in paths})
@@ -93,7 +92,7 @@ def list_images(image_root, *, file_list=None, class_map="folder") -> Listing:
     if missing:
         raise ValueError(f"class_map: no index for class folder(s) {missing[:5]} "
                          f"({len(missing)} of {len(folders)} missing)")
-    keys = [path.rsplit(".", 1)[0] if "." in path.rsplit("/", 1)[-1] else path for path in paths]
+    keys = [sample_key(path) for path in paths]
     labels = np.array([mapping[path.split("/")[0]] for path in paths], dtype=np.int64)
     return Listing(root, paths, keys, labels)
 

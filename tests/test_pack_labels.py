@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from relabel_dali import LabelShardReader
-from relabel_dali.labelmaps import LabelMapError, to_canonical, to_official
+from relabel_dali.labelmaps import LabelMapError, find_image, label_key, sample_key, to_canonical, to_official
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -51,6 +51,24 @@ def run(argv):
 
 def tree_bytes(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+class TestKeys:
+    @pytest.mark.parametrize("relative, key", [("n01/n01_1.JPEG", "n01/n01_1"), ("a/b.c.pt", "a/b.c"),
+                                               ("a/noext", "a/noext"), ("x.npy", "x")])
+    def test_sample_key(self, tmp_path, relative, key):
+        assert sample_key(relative) == key
+        assert label_key(tmp_path / relative, tmp_path) == key
+
+    def test_find_image_any_case(self, tmp_path):
+        (tmp_path / "n01").mkdir()
+        (tmp_path / "n01" / "a[1].JPEG").write_bytes(b"")
+        (tmp_path / "n01" / "a[1].txt").write_bytes(b"")
+        (tmp_path / "n01" / "b.png").write_bytes(b"")
+        assert find_image(tmp_path, "n01/a[1]") == tmp_path / "n01" / "a[1].JPEG"
+        assert find_image(tmp_path, "n01/b") == tmp_path / "n01" / "b.png"
+        with pytest.raises(FileNotFoundError, match="no image for key 'n01/c'"):
+            find_image(tmp_path, "n01/c")
 
 
 class TestLayout:

@@ -34,12 +34,11 @@ from tqdm import tqdm
 
 from relabel_dali import imagenet
 from relabel_dali.annotator import pool_boxes
-from relabel_dali.labelmaps import LAYOUTS, label_key, load_label_file
+from relabel_dali.labelmaps import LAYOUTS, find_image, label_key, load_label_file
 from relabel_dali.reader import LabelShardReader
 from relabel_dali.writer import atomic_write_bytes
 
 EXIT_OK, EXIT_FAILED, EXIT_INCONCLUSIVE = 0, 1, 3
-IMAGE_SUFFIXES = (".JPEG", ".jpg", ".jpeg", ".png")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,8 +104,9 @@ def parse_csv(path: Path, image_root: Path) -> dict[str, dict]:
             if len(fields) % 5:
                 raise ValueError(f"{path}: {image_id}: PredictionString is not groups of 'wnid x0 y0 x1 y1'")
             key = f"{image_id.split('_')[0]}/{image_id}"
-            image = next((image_root / f"{key}{s}" for s in IMAGE_SUFFIXES if (image_root / f"{key}{s}").exists()), None)
-            if image is None:
+            try:
+                image = find_image(image_root, key)
+            except FileNotFoundError:
                 continue
             with Image.open(image) as opened:
                 size = opened.size

@@ -27,10 +27,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from relabel_dali import format as fmt
-from relabel_dali.labelmaps import LABEL_SUFFIXES, LAYOUTS, LabelMapError, label_key, load_label_file, to_canonical
+from relabel_dali.labelmaps import (LABEL_SUFFIXES, LAYOUTS, LabelMapError, is_image, label_key, load_label_file,
+                                   to_canonical)
 from relabel_dali.writer import LabelShardWriter, atomic_write_bytes
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 EXIT_OK, EXIT_FAILED, EXIT_SKIPPED = 0, 1, 3
 SETTINGS_NAME = "pack_settings.json"
 
@@ -75,7 +75,7 @@ def find_sources(src: Path) -> tuple[dict[str, Path], list[dict]]:
 
 
 def find_images(root: Path) -> set[str]:
-    return {label_key(p, root) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+    return {label_key(p, root) for p in root.rglob("*") if is_image(p)}
 
 
 class Converter:

@@ -36,11 +36,10 @@ from tqdm import tqdm
 
 from relabel_dali import format as fmt
 from relabel_dali.annotator import build_annotator, topk_maps
-from relabel_dali.labelmaps import label_key, to_official
+from relabel_dali.labelmaps import IMAGE_SUFFIXES, is_image, label_key, to_official
 from relabel_dali.atomic import atomic_open, atomic_write_bytes
 from relabel_dali.writer import LabelShardWriter
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 SETTINGS_NAME = "relabel_settings.json"
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -78,7 +77,7 @@ def find_images(root: Path) -> dict[str, Path]:
         raise FileNotFoundError(f"{root}: image folder does not exist")
     images: dict[str, Path] = {}
     for path in sorted(root.rglob("*")):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+        if is_image(path):
             key = label_key(path, root)
             if key in images:
                 raise ValueError(f"{path}: duplicate key {key!r}, already given by {images[key]}")

@@ -23,13 +23,13 @@ from PIL import Image, ImageOps
 
 from relabel_dali import imagenet
 from relabel_dali.annotator import pool_boxes
+from relabel_dali.labelmaps import find_image
 from relabel_dali.reader import LabelShardReader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from check_layout import random_crops  # noqa: E402
 
 EXIT_OK, EXIT_FAILED = 0, 1
-IMAGE_SUFFIXES = (".JPEG", ".jpg", ".jpeg", ".png")
 PANEL_INCHES, DPI = 3.0, 100
 COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
 
@@ -63,13 +63,6 @@ def class_heatmap(scores: np.ndarray, ids: np.ndarray, class_id: int) -> np.ndar
     probs = np.exp(scores - scores.max(0, keepdims=True))
     probs /= probs.sum(0, keepdims=True)
     return np.where(ids == class_id, probs, 0).sum(0)
-
-
-def find_image(root: Path, key: str) -> Path:
-    for suffix in IMAGE_SUFFIXES:
-        if (root / f"{key}{suffix}").exists():
-            return root / f"{key}{suffix}"
-    raise FileNotFoundError(f"{root}: no image for key {key!r} ({'/'.join(IMAGE_SUFFIXES)})")
 
 
 def render(key: str, image: Image.Image, scores: np.ndarray, ids: np.ndarray, crops: np.ndarray,
