@@ -67,17 +67,13 @@ class LabelShardReader:
             index = read_index(self.path)
             self.shard_paths = [self.path / shard["file"] for shard in index["shards"]]
             counts = [int(shard["records"]) for shard in index["shards"]]
-            self.keys = []
-            for shard in index["shards"]:
-                self.keys.extend(read_keys(self.path / shard["keys"]))
-            if len(self.keys) != sum(counts):
-                raise fmt.FormatError(f"{self.path}: index lists {sum(counts)} records but the key "
-                                      f"files hold {len(self.keys)} keys")
+            self._keys_paths = [self.path / shard["keys"] for shard in index["shards"]]
         else:
             self.shard_paths = [self.path]
             counts = [None]
             keys_path = self.path.with_suffix(fmt.KEYS_SUFFIX)
-            self.keys = read_keys(keys_path) if keys_path.exists() else None
+            self._keys_paths = [keys_path] if keys_path.exists() else None
+        self._keys = None
         self.geometry = None
         self.counts = []
         for shard_path, expected in zip(self.shard_paths, counts):
@@ -98,6 +94,20 @@ class LabelShardReader:
             raise fmt.FormatError(f"{self.path}: the index lists no shards")
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).tolist()
         self._key_to_index = None
+
+    @property
+    def keys(self) -> list[str] | None:
+        """Sample keys in record order (None for a lone shard without a keys file). Read on first
+        use: workers that address records by number never read them."""
+        if self._keys is None and self._keys_paths is not None:
+            keys = []
+            for keys_path in self._keys_paths:
+                keys.extend(read_keys(keys_path))
+            if len(keys) != len(self):
+                raise fmt.FormatError(f"{self.path}: the shards hold {len(self)} records but the key "
+                                      f"files hold {len(keys)} keys")
+            self._keys = keys
+        return self._keys
 
     @property
     def k(self) -> int:

@@ -168,6 +168,15 @@ class TestIntegrity:
         with pytest.raises(fmt.FormatError, match="truncated"):
             LabelShardReader(tmp_path)
 
+    def test_keys_file_disagreeing_with_shard(self, tmp_path, maps):
+        write_dataset(tmp_path, maps, per_shard=100)
+        keys_path = tmp_path / "labels-00000.keys"
+        keys_path.write_text("".join(line + "\n" for line in keys_path.read_text().splitlines()[:-1]))
+        reader = LabelShardReader(tmp_path)
+        np.testing.assert_array_equal(reader[9][1], maps[9][2])  # by number: keys are not needed
+        with pytest.raises(fmt.FormatError, match="hold 10 records but the key files hold 9 keys"):
+            reader.keys
+
     def test_missing_index(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="no label index"):
             LabelShardReader(tmp_path)
