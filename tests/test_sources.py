@@ -86,6 +86,11 @@ class TestListing:
             mapping = tmp_path / "map.json"
         assert list_images(image_root, class_map=mapping).labels.tolist() == [7, 3]
 
+    def test_imagenet_class_map(self):
+        # Index 0 of ImageNet-1k is the tench (n01440764), index 1 the goldfish (n01443537).
+        mapping = load_class_map("imagenet", ["n01443537", "n01440764"])
+        assert mapping["n01440764"] == 0 and mapping["n01443537"] == 1 and len(mapping) == 1000
+
     def test_wnid_to_index_dict(self):
         assert load_class_map({"a": 5, "b": 2}, ["a", "b"]) == {"a": 5, "b": 2}
 

