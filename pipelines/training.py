@@ -29,6 +29,14 @@ def read_source(source, py_workers: int):
                               dtype=[dali_type(d) for d in source.output_dtypes], ndim=source.output_ndims)
 
 
+def source_pipeline(*, batch_size: int, num_threads: int, device_id: int | None, seed: int, py_workers: int,
+                    start_method: str, prefetch_queue_depth: int):
+    """``pipeline_def`` for a graph fed by a ``SampleSource`` (its parallel workers included)."""
+    return pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                        py_num_workers=max(py_workers, 1), py_start_method=start_method,
+                        prefetch_queue_depth=prefetch_queue_depth)
+
+
 def crop_box(shape, anchor, crop_shape):
     """Normalized (x0, y0, x1, y1) of a crop given as [y, x] anchor and [h, w] shape."""
     shape = fn.cast(shape, dtype=types.FLOAT)
@@ -148,9 +156,8 @@ def training_pipeline(source, *, batch_size: int, num_threads: int, device_id: i
 
         load_label_pool()
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                  py_num_workers=max(py_workers, 1), py_start_method=start_method,
-                  prefetch_queue_depth=prefetch_queue_depth)
+    @source_pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                     py_workers=py_workers, start_method=start_method, prefetch_queue_depth=prefetch_queue_depth)
     def graph():
         outputs = read_source(source, py_workers)
         jpegs, labels, indices = outputs[0], outputs[-2], outputs[-1]

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 
-from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import fn, types
 
 from relabel_dali import augment
 
-from .training import OUTPUT_DTYPES, read_source
+from .training import OUTPUT_DTYPES, read_source, source_pipeline
 
 VAL_OUTPUTS = ("images", "labels", "indices")
 
@@ -29,9 +29,8 @@ def validation_pipeline(source, *, batch_size: int, num_threads: int, device_id:
         raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
     shorter_px = int(math.ceil(image_size / crop_ratio))
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                  py_num_workers=max(py_workers, 1), py_start_method=start_method,
-                  prefetch_queue_depth=prefetch_queue_depth)
+    @source_pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                     py_workers=py_workers, start_method=start_method, prefetch_queue_depth=prefetch_queue_depth)
     def graph():
         outputs = read_source(source, py_workers)
         jpegs, labels, indices = outputs[0], outputs[-2], outputs[-1]
