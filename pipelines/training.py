@@ -122,18 +122,45 @@ def colour_transform(images, brightness, contrast, saturation, lighting, *, mirr
                                     dtype=dtype, output_layout="CHW")
 
 
+def jitter_factors(strength: float):
+    """Per-sample brightness, contrast and saturation factors from torchvision's range
+    ``[max(0, 1 - s), 1 + s]``; a factor of exactly 0 would divide by zero in the folded
+    statistics, so the floor is a hair above it."""
+    factor = [max(1e-3, 1.0 - strength), 1.0 + strength]
+    return tuple(fn.random.uniform(range=factor) for _ in range(3))
+
+
 def jitter_and_normalize(images, *, strength: float, lighting_std: float, mirror, dtype):
-    """The photometric half of the training graph: uint8 HWC in, normalized CHW ``dtype`` out."""
+    """The photometric half of the training graph on DALI's own operators: uint8 HWC in,
+    normalized CHW ``dtype`` out (the GPU graph's)."""
     if strength <= 0:
         return fn.crop_mirror_normalize(images, mean=lighting_mean(lighting_std),
                                         std=[255.0 * s for s in augment.IMAGENET_STD], mirror=mirror,
                                         dtype=dtype, output_layout="CHW")
-    # torchvision's range is [max(0, 1 - s), 1 + s]; a factor of exactly 0 would divide by zero
-    # in the folded statistics, so the floor is a hair above it.
-    factor = [max(1e-3, 1.0 - strength), 1.0 + strength]
-    brightness, contrast, saturation = (fn.random.uniform(range=factor) for _ in range(3))
+    brightness, contrast, saturation = jitter_factors(strength)
     return colour_transform(images, brightness, contrast, saturation, lighting_offsets(lighting_std),
                             mirror=mirror, dtype=dtype)
+
+
+LIGHTING_BASIS = [augment.PCA_EIGVEC[c][j] * augment.PCA_EIGVAL[j] for c in range(3) for j in range(3)]
+
+
+def resize_jitter_normalize(images, *, size, strength: float, lighting_std: float, mirror, dtype,
+                            pass_order: str = "horizontal_first"):
+    """Resize, colour jitter, PCA lighting, normalization, mirror and CHW of decoded uint8 HWC
+    crops in one CPU operator (the project's ``fn.resize_jitter_normalize``): the resize is PIL's
+    bilinear resize bit for bit, as the official torchvision recipe runs it, and the colour steps
+    are the same affine composition as ``colour_transform``'s."""
+    jitter = {}
+    if strength > 0:
+        jitter = dict(zip(("brightness", "contrast", "saturation"), jitter_factors(strength)))
+    if lighting_std > 0:
+        jitter["lighting"] = fn.random.normal(shape=[3], stddev=lighting_std)
+    return fn.resize_jitter_normalize(images, size=list(size), mirror=mirror, dtype=dtype,
+                                      lighting_basis=LIGHTING_BASIS,
+                                      mean=[255.0 * m for m in augment.IMAGENET_MEAN],
+                                      std=[255.0 * s for s in augment.IMAGENET_STD],
+                                      pass_order=pass_order, **jitter)
 
 
 def training_pipeline(source, *, batch_size: int, num_threads: int, device_id: int | None, seed: int,
@@ -142,16 +169,22 @@ def training_pipeline(source, *, batch_size: int, num_threads: int, device_id: i
                       color_jitter: float = augment.COLOR_JITTER, lighting_std: float = augment.LIGHTING_STD,
                       random_area=augment.RANDOM_AREA, random_aspect_ratio=augment.RANDOM_ASPECT_RATIO,
                       flip: bool = True, py_workers: int = 2, start_method: str = "fork",
-                      prefetch_queue_depth: int = 2):
+                      prefetch_queue_depth: int = 2, fused: bool | None = None):
     """The training pipeline (unbuilt). ``source`` is a ``relabel_dali.sources.SampleSource``;
-    ``device_id=None`` runs everything on the CPU."""
+    ``device_id=None`` runs everything on the CPU. ``fused`` (default: on the CPU) resizes and
+    jitters with the one ``resize_jitter_normalize`` operator instead of DALI's resize,
+    saturation and normalize; it is a CPU operator, so a GPU graph cannot use it."""
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(OUTPUT_DTYPES)}")
     if pool_mode not in POOL_MODES:
         raise ValueError(f"pool_mode {pool_mode!r}: expected one of {POOL_MODES}")
     if use_relabel and not source.with_labels:
         raise ValueError("use_relabel=True needs a source with label shards (label_root)")
-    if use_relabel:
+    gpu = device_id is not None
+    fused = not gpu if fused is None else fused
+    if fused and gpu:
+        raise ValueError("fused=True needs device_id=None: resize_jitter_normalize is a CPU operator")
+    if use_relabel or fused:
         from relabel_dali.ops import load_label_pool
 
         load_label_pool()
@@ -161,18 +194,21 @@ def training_pipeline(source, *, batch_size: int, num_threads: int, device_id: i
     def graph():
         outputs = read_source(source, py_workers)
         jpegs, labels, indices = outputs[0], outputs[-2], outputs[-1]
-        gpu = device_id is not None
         shape = fn.peek_image_shape(jpegs, adjust_orientation=exif)
         anchor, crop_shape = fn.random_crop_generator(shape, random_area=list(random_area),
                                                       random_aspect_ratio=list(random_aspect_ratio),
                                                       num_attempts=10)
         images = fn.decoders.image_slice(jpegs, anchor, crop_shape, axis_names="HW", output_type=types.RGB,
                                          adjust_orientation=exif, device="mixed" if gpu else "cpu")
-        images = fn.resize(images, size=[image_size, image_size], interp_type=types.INTERP_LINEAR,
-                           antialias=True)
-        images = jitter_and_normalize(images, strength=color_jitter, lighting_std=lighting_std,
-                                      mirror=fn.random.coin_flip(probability=0.5) if flip else 0,
-                                      dtype=OUTPUT_DTYPES[dtype])
+        mirror = fn.random.coin_flip(probability=0.5) if flip else 0
+        if fused:
+            images = resize_jitter_normalize(images, size=(image_size, image_size), strength=color_jitter,
+                                             lighting_std=lighting_std, mirror=mirror, dtype=OUTPUT_DTYPES[dtype])
+        else:
+            images = fn.resize(images, size=[image_size, image_size], interp_type=types.INTERP_LINEAR,
+                               antialias=True)
+            images = jitter_and_normalize(images, strength=color_jitter, lighting_std=lighting_std,
+                                          mirror=mirror, dtype=OUTPUT_DTYPES[dtype])
         boxes = crop_box(shape, anchor, crop_shape)
         if use_relabel:
             scores, class_ids, scale, offset = outputs[1:5]

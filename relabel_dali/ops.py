@@ -2,7 +2,8 @@
 
 Two shared libraries come from ``relabel_dali/csrc``:
 
-* the DALI plugin (``label_pool.cc`` + ``label_pool.cu``), which registers ``fn.label_pool``. A plugin
+* the DALI plugin (``label_pool.cc`` + ``label_pool.cu``, ``resize_jitter.cc``), which registers
+  ``fn.label_pool`` and the CPU training graph's ``fn.resize_jitter_normalize``. A plugin
   must match the installed DALI exactly (its symbols are versioned), so it is built here on first use
   rather than shipped;
 * the DALI-free C ABI library (``label_pool_capi.*``) that :mod:`relabel_dali.pooling` calls through
@@ -29,7 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-HEADERS = ("label_pool_math.h", "label_pool.h", "label_pool_kernel.cuh", "label_pool_capi.h")
+HEADERS = ("label_pool_math.h", "label_pool.h", "label_pool_kernel.cuh", "label_pool_capi.h", "resize_jitter_math.h")
 CXX_FLAGS = ["-std=c++20", "-O3", "-fPIC"]
 # --fmad=false: fused multiply-adds would move roi_align sample points off torchvision's by an ulp.
 NVCC_FLAGS = ["-std=c++20", "-O3", "--fmad=false", "-Xcompiler", "-fPIC"]
@@ -185,7 +186,7 @@ def build_plugin() -> Path:
            ";".join(cuda_archs()) if nvcc else "", " ".join(compile_flags + link_flags)]
     return _build_cached(
         "label_pool_dali" + dali_version, key,
-        lambda tmp: _compile_and_link(tmp, ["label_pool.cc"], ["label_pool.cu"], compile_flags, link_flags,
+        lambda tmp: _compile_and_link(tmp, ["label_pool.cc", "resize_jitter.cc"], ["label_pool.cu"], compile_flags, link_flags,
                                       nvcc, cuda_include))
 
 
@@ -204,7 +205,8 @@ def build_capi() -> Path:
 
 
 def load_label_pool() -> Path:
-    """Builds if needed and loads the plugin once per process; ``nvidia.dali.fn.label_pool`` exists after."""
+    """Builds if needed and loads the plugin once per process; ``nvidia.dali.fn.label_pool`` and
+    ``nvidia.dali.fn.resize_jitter_normalize`` exist after."""
     global _loaded_plugin
     with _lock:
         if _loaded_plugin is None:

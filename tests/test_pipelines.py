@@ -50,14 +50,48 @@ def plain(source, **kwargs):
 NAMES = ("images", "boxes", "targets", "labels", "indices")
 
 
+def pil_resize(image: Image.Image, size, order: str = "horizontal_first") -> Image.Image:
+    """PIL's bilinear resize with its two passes in a given order. One-axis resizes are single
+    passes, so chaining two is exactly what PIL's two-pass resize does (before Pillow 13 always
+    horizontal first; Pillow 13 picks the order by the shape)."""
+    w, h = size
+    if order == "horizontal_first":
+        return image.resize((w, image.height), Image.BILINEAR).resize((w, h), Image.BILINEAR)
+    return image.resize((image.width, h), Image.BILINEAR).resize((w, h), Image.BILINEAR)
+
+
 class TestCropBoxes:
     @pytest.mark.parametrize("flip", [False, True])
     @pytest.mark.parametrize("dtype", ["float32", "float16"])
     def test_boxes_are_the_decoded_crop(self, tmp_path, flip, dtype):
+        # The CPU graph's fused operator: each image must be PIL's bilinear resize of the box's
+        # pixels, which pins the box to the pixel and the resize to PIL's bit for bit.
         image_root, _, keys = make_dataset(tmp_path, classes=2, per_class=6, labels=False)
         source = SampleSource(image_root, batch_size=4, seed=1)
         out = run_epoch(plain(source, flip=flip, dtype=dtype), NAMES)
         assert out["images"].dtype == np.dtype(dtype) and out["images"].shape == (12, 3, 32, 32)
+        flips = 0
+        for image, box, index in zip(pixels(out["images"]), out["boxes"], out["indices"]):
+            whole = Image.open(image_root / (keys[index] + ".JPEG")).convert("RGB")
+            w, h = whole.size
+            assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
+            pixel_box = [int(round(v)) for v in (box[0] * w, box[1] * h, box[2] * w, box[3] * h)]
+            np.testing.assert_allclose(np.asarray(box, np.float64) * [w, h, w, h], pixel_box, atol=1e-3)
+            resized = pil_resize(whole.crop(pixel_box), (32, 32))
+            expected = np.asarray(resized, np.float32).transpose(2, 0, 1)
+            if flip and not np.allclose(image, expected, atol=0.5):
+                expected, flips = expected[:, :, ::-1], flips + 1
+            # float16 keeps ~3 significant digits of the normalized value: 0.25 grey levels.
+            np.testing.assert_allclose(image, expected, rtol=0, atol=0.01 if dtype == "float32" else 0.25)
+        assert (0 < flips < 12) if flip else flips == 0
+
+    @pytest.mark.parametrize("flip", [False, True])
+    def test_boxes_are_the_decoded_crop_dali_resize(self, tmp_path, flip):
+        # fused=False (the GPU graph's operators, run on the CPU): DALI's own resize.
+        image_root, _, keys = make_dataset(tmp_path, classes=2, per_class=6, labels=False)
+        source = SampleSource(image_root, batch_size=4, seed=1)
+        out = run_epoch(plain(source, flip=flip, fused=False), NAMES)
+        assert out["images"].shape == (12, 3, 32, 32)
         flips = 0
         for image, box, index in zip(pixels(out["images"]), out["boxes"], out["indices"]):
             h, w = np.array(Image.open(image_root / (keys[index] + ".JPEG"))).shape[:2]
