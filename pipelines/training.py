@@ -211,7 +211,8 @@ def training_pipeline(source, *, batch_size: int, num_threads: int, device_id: i
                                           mirror=mirror, dtype=OUTPUT_DTYPES[dtype])
         boxes = crop_box(shape, anchor, crop_shape)
         if use_relabel:
-            scores, class_ids, scale, offset = outputs[1:5]
+            scores, class_ids = outputs[1:3]
+            scale, offset = outputs[3:5] if source.quantized else (1.0, 0.0)
             if gpu:
                 scores, class_ids = scores.gpu(), class_ids.gpu()
             # Boxes stay a CPU input on both backends: the operator checks them on the host and

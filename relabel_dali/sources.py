@@ -244,15 +244,25 @@ class SampleSource:
 
     # ---- the callable ---------------------------------------------------------------------
     @property
+    def quantized(self) -> bool:
+        """True for uint8 label scores: only those carry a per-record scale and offset, and only
+        then does a sample have those two outputs (fewer outputs, less per-sample work)."""
+        return self.with_labels and np.dtype(self.geometry.score_dtype) == np.uint8
+
+    @property
     def output_dtypes(self) -> list[np.dtype]:
+        """(image, [scores, class_ids, [scale, offset]], label, index)."""
         tail = [np.int64, np.int64]
         if not self.with_labels:
             return [np.uint8] + tail
-        return [np.uint8, np.dtype(self.geometry.score_dtype), np.uint16, np.float32, np.float32] + tail
+        dequantize = [np.float32, np.float32] if self.quantized else []
+        return [np.uint8, np.dtype(self.geometry.score_dtype), np.uint16] + dequantize + tail
 
     @property
     def output_ndims(self) -> list[int]:
-        return [1, 3, 3, 0, 0, 0, 0] if self.with_labels else [1, 0, 0]
+        if not self.with_labels:
+            return [1, 0, 0]
+        return [1, 3, 3] + ([0, 0] if self.quantized else []) + [0, 0]
 
     def _slots(self, epoch: int) -> np.ndarray:
         if self._cached_epoch != epoch:
@@ -298,6 +308,8 @@ class SampleSource:
         if self._reader is None:
             self._reader = LabelShardReader(self.label_root)
         record = self._reader.record(int(self.record_numbers[delivered]))
+        if not self.quantized:
+            return (image, record.scores, record.class_ids) + tail
         return (image, record.scores, record.class_ids, np.array(record.scale, dtype=np.float32),
                 np.array(record.offset, dtype=np.float32)) + tail
 

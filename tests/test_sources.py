@@ -190,17 +190,22 @@ class TestSampleSource:
         source = SampleSource(image_root, label_root, batch_size=2, shuffle=False)
         reader = LabelShardReader(label_root)
         assert source.output_dtypes[1] == np.dtype(score_dtype)
+        assert source.quantized == (score_dtype == "uint8")
         for slot in range(len(source)):
             out = source(info(slot))
             assert [np.asarray(o).dtype for o in out] == source.output_dtypes
             assert [np.ndim(o) for o in out] == source.output_ndims
-            image, scores, class_ids, scale, offset, label, index = out
             record = reader.record(keys[slot])
+            if score_dtype == "uint8":
+                image, scores, class_ids, scale, offset, label, index = out
+                assert (float(scale), float(offset)) == (record.scale, record.offset)
+            else:  # float scores carry no dequantization outputs (the stored ones are 1 and 0)
+                image, scores, class_ids, label, index = out
+                assert (record.scale, record.offset) == (1.0, 0.0)
             assert index == slot and label == slot // 4
             assert image.tobytes() == (image_root / (keys[slot] + ".JPEG")).read_bytes()
             assert np.array_equal(scores, record.scores) and scores.dtype == record.scores.dtype
             assert np.array_equal(class_ids, record.class_ids)
-            assert (float(scale), float(offset)) == (record.scale, record.offset)
         with pytest.raises(StopIteration):
             source(info(len(source)))
 
