@@ -117,21 +117,30 @@ def official_pool(label_maps: torch.Tensor, boxes: torch.Tensor, num_classes: in
 
 
 # ---- timing ----------------------------------------------------------------------------------
-def time_loaders(loaders: dict, rounds: int, epochs_per_turn: int = 2) -> dict[str, float]:
-    """images/s per loader. Loaders take turns so that the load of a shared machine falls on each
-    alike; each turn starts with an untimed epoch, because a DALI loader prefetches its next epoch
-    in the background while the other loaders are being timed."""
+def time_loaders(loaders: dict, rounds: int, epochs_per_turn: int = 2) -> tuple[dict[str, float], list[dict]]:
+    """images/s per loader over all rounds, and per round. Loaders take turns so that the load of a
+    shared machine falls on each alike, in reversed order every other round (no loader always
+    follows the same one); each turn starts with an untimed epoch, because a DALI loader prefetches
+    its next epoch in the background while the other loaders are being timed."""
     images, seconds = dict.fromkeys(loaders, 0), dict.fromkeys(loaders, 0.0)
-    for _ in tqdm(range(rounds), desc="timing", unit="round", disable=None):
-        for name, make_iter in loaders.items():
+    per_round = []
+    for round_index in tqdm(range(rounds), desc="timing", unit="round", disable=None):
+        names = list(loaders) if round_index % 2 == 0 else list(reversed(loaders))
+        rates = {}
+        for name in names:
+            make_iter = loaders[name]
             for _ in make_iter():
                 pass
-            started = time.perf_counter()
+            count, started = 0, time.perf_counter()
             for _ in range(epochs_per_turn):
                 for batch in make_iter():
-                    images[name] += batch
-            seconds[name] += time.perf_counter() - started
-    return {name: images[name] / seconds[name] for name in loaders}
+                    count += batch
+            elapsed = time.perf_counter() - started
+            images[name] += count
+            seconds[name] += elapsed
+            rates[name] = count / elapsed
+        per_round.append(rates)
+    return {name: images[name] / seconds[name] for name in loaders}, per_round
 
 
 def main(argv=None) -> int:
@@ -139,11 +148,12 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, help="image root (<class>/<file>); default: generated")
     parser.add_argument("--labels", type=Path, help="packed label shards for --data")
     parser.add_argument("--pt", type=Path, help="official .pt label maps for --data (for loader c)")
-    parser.add_argument("--images", type=int, default=384, help="images to generate without --data")
+    parser.add_argument("--images", type=int, default=1024, help="images to generate without --data")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--workers", type=int, default=2, help="Python workers, and DALI threads")
-    parser.add_argument("--rounds", type=int, default=3, help="turns per loader (1 untimed + 2 timed epochs each)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="turns per loader (1 untimed + 2 timed epochs each; the order reverses every other round)")
     parser.add_argument("--only", choices=("a", "b", "c"), action="append", help="run only these loaders")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
@@ -187,16 +197,21 @@ def main(argv=None) -> int:
                     yield len(images)
 
             loaders["c_official_torch"] = official
-        rates = results["images_per_s"] = time_loaders(loaders, args.rounds)
-    if "a_dali_relabel" in rates and "c_official_torch" in rates:
-        results["a_over_c"] = rates["a_dali_relabel"] / rates["c_official_torch"]
-    if "a_dali_relabel" in rates and "b_dali_no_labels" in rates:
-        results["a_over_b"] = rates["a_dali_relabel"] / rates["b_dali_no_labels"]
+        rates, per_round = time_loaders(loaders, args.rounds)
+        results["images_per_s"], results["images_per_s_per_round"] = rates, per_round
+    for ratio, (top, bottom) in {"a_over_c": ("a_dali_relabel", "c_official_torch"),
+                                 "a_over_b": ("a_dali_relabel", "b_dali_no_labels")}.items():
+        if top in rates and bottom in rates:
+            results[ratio] = rates[top] / rates[bottom]
+            rounds = [r[top] / r[bottom] for r in per_round]
+            results[f"{ratio}_per_round"] = rounds
+            results[f"{ratio}_median_of_rounds"] = float(np.median(rounds))
     for name, rate in rates.items():
         print(f"{name:20s} {rate:8.1f} images/s")
     for name in ("a_over_c", "a_over_b"):
         if name in results:
-            print(f"{name:20s} {results[name]:8.3f}")
+            rounds = " ".join(f"{r:.3f}" for r in results[f"{name}_per_round"])
+            print(f"{name:20s} {results[name]:8.3f}   per round: {rounds}   median {results[name + '_median_of_rounds']:.3f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(args.json, (json.dumps(results, indent=1) + "\n").encode())
