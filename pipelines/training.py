@@ -22,11 +22,22 @@ def dali_type(dtype) -> types.DALIDataType:
     return types.to_dali_type(np.dtype(dtype))
 
 
-def read_source(source, py_workers: int):
-    """The external source node(s) for a ``SampleSource``; ``py_workers == 0`` runs it inline."""
-    return fn.external_source(source=source, parallel=py_workers > 0, batch=False,
-                              num_outputs=len(source.output_dtypes),
-                              dtype=[dali_type(d) for d in source.output_dtypes], ndim=source.output_ndims)
+def read_source(source, py_workers: int) -> dict:
+    """The external source for a ``SampleSource`` (``py_workers == 0`` runs it inline) and the
+    fields of its packed samples as nodes: ``jpegs``, ``labels``, ``indices`` and, with labels,
+    ``scores``, ``class_ids`` and (uint8 scores only) ``scale``, ``offset``."""
+    jpegs, packed = fn.external_source(source=source, parallel=py_workers > 0, batch=False, num_outputs=2,
+                                       dtype=[dali_type(d) for d in source.output_dtypes],
+                                       ndim=source.output_ndims)
+    nodes = {"jpegs": jpegs}
+    names = {"label": "labels", "index": "indices", "scores": "scores", "class_ids": "class_ids",
+             "scale": "scale", "offset": "offset"}
+    for name, (start, dtype, shape) in source.packed_fields.items():
+        if name in ("scale", "offset") and not source.quantized:
+            continue  # float scores are stored with scale 1 and offset 0: nothing to apply
+        stop = start + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        nodes[names[name]] = fn.reinterpret(packed[start:stop], dtype=dali_type(dtype), shape=list(shape))
+    return nodes
 
 
 def source_pipeline(*, batch_size: int, num_threads: int, device_id: int | None, seed: int, py_workers: int,
@@ -192,8 +203,8 @@ def training_pipeline(source, *, batch_size: int, num_threads: int, device_id: i
     @source_pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                      py_workers=py_workers, start_method=start_method, prefetch_queue_depth=prefetch_queue_depth)
     def graph():
-        outputs = read_source(source, py_workers)
-        jpegs, labels, indices = outputs[0], outputs[-2], outputs[-1]
+        fields = read_source(source, py_workers)
+        jpegs, labels, indices = fields["jpegs"], fields["labels"], fields["indices"]
         shape = fn.peek_image_shape(jpegs, adjust_orientation=exif)
         anchor, crop_shape = fn.random_crop_generator(shape, random_area=list(random_area),
                                                       random_aspect_ratio=list(random_aspect_ratio),
@@ -211,8 +222,8 @@ def training_pipeline(source, *, batch_size: int, num_threads: int, device_id: i
                                           mirror=mirror, dtype=OUTPUT_DTYPES[dtype])
         boxes = crop_box(shape, anchor, crop_shape)
         if use_relabel:
-            scores, class_ids = outputs[1:3]
-            scale, offset = outputs[3:5] if source.quantized else (1.0, 0.0)
+            scores, class_ids = fields["scores"], fields["class_ids"]
+            scale, offset = fields.get("scale", 1.0), fields.get("offset", 0.0)
             if gpu:
                 scores, class_ids = scores.gpu(), class_ids.gpu()
             # Boxes stay a CPU input on both backends: the operator checks them on the host and

@@ -32,8 +32,8 @@ def validation_pipeline(source, *, batch_size: int, num_threads: int, device_id:
     @source_pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                      py_workers=py_workers, start_method=start_method, prefetch_queue_depth=prefetch_queue_depth)
     def graph():
-        outputs = read_source(source, py_workers)
-        jpegs, labels, indices = outputs[0], outputs[-2], outputs[-1]
+        fields = read_source(source, py_workers)
+        jpegs, labels, indices = fields["jpegs"], fields["labels"], fields["indices"]
         images = fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=exif,
                                    device="cpu" if device_id is None else "mixed")
         images = fn.resize(images, resize_shorter=shorter_px, interp_type=types.INTERP_LINEAR, antialias=True)

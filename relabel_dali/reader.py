@@ -152,7 +152,7 @@ class LabelShardReader:
     def _open_maps(self) -> None:
         # Field views are taken once per shard: indexing them per record is then a single
         # strided view, several times cheaper than going through a structured scalar.
-        self._maps, self._records, self._fields = [], [], []
+        self._maps, self._records, self._fields, self._raw = [], [], [], []
         dtype = self.geometry.record_dtype
         for shard_path, count in zip(self.shard_paths, self.counts):
             with open(shard_path, "rb") as handle:
@@ -163,6 +163,7 @@ class LabelShardReader:
             self._records.append(records)
             self._fields.append((records["scores"], records["class_ids"],
                                  records["scale"].tolist(), records["offset"].tolist()))
+            self._raw.append(records.view(np.uint8).reshape(count, dtype.itemsize))
 
     def _locate(self, key_or_index) -> tuple[int, int]:
         if isinstance(key_or_index, str):
@@ -188,6 +189,13 @@ class LabelShardReader:
         scores, class_ids, scales, offsets = self._fields[shard]
         return LabelRecord(scores[row], class_ids[row], scales[row], offsets[row])
 
+    def record_bytes(self, key_or_index) -> np.ndarray:
+        """The stored record as a read-only uint8 view (``geometry.record_dtype`` layout)."""
+        if self._records is None:
+            self._open_maps()
+        shard, row = self._locate(key_or_index)
+        return self._raw[shard][row]
+
     def __getitem__(self, key_or_index) -> tuple[np.ndarray, np.ndarray]:
         scores, class_ids, scale, offset = self.record(key_or_index)
         return fmt.decode_scores(scores, scale, offset), class_ids.astype(np.int64)
@@ -209,7 +217,7 @@ class LabelShardReader:
         return checked
 
     def close(self) -> None:
-        self._records = self._fields = None
+        self._records = self._fields = self._raw = None
         for mapping in self._maps or []:
             if mapping is not None:
                 try:

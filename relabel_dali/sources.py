@@ -26,7 +26,19 @@ from pathlib import Path
 import numpy as np
 
 from .labelmaps import is_image, sample_key
-from .reader import LabelShardReader
+from .reader import LabelRecord, LabelShardReader
+
+PACKED_HEAD = 16  # bytes before the label record in a packed sample: int64 label, int64 index
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One delivered sample: encoded image bytes, class label, sample index (both ``-1`` for masked
+    padding) and the stored label record's bytes (None without labels)."""
+    image: np.ndarray
+    label: int
+    index: int
+    record: np.ndarray | None
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +166,12 @@ def encoded_problem(data: bytes) -> str | None:
 class SampleSource:
     """Picklable per-sample callable for ``fn.external_source(parallel=True, batch=False)``.
 
-    Outputs, all numpy: encoded image ``uint8 [n]``; with labels also the stored scores
-    ``[k, H, W]`` (stored dtype, a zero-copy view), class ids ``uint16 [k, H, W]``, ``scale`` and
-    ``offset`` (0-d float32); then the class label and the sample index (0-d int64; ``-1`` for
-    masked padding). The sample index is that of the sample actually delivered: a substituted bad
-    sample reports its replacement's index.
+    Outputs, two uint8 arrays per sample: the encoded image, and the packed sample (``pack``): the
+    class label and the sample index (int64; ``-1`` for masked padding), then, with labels, the
+    stored label record (scores ``[k, H, W]`` in the stored dtype, class ids ``uint16 [k, H, W]``,
+    scale, offset). The graph slices the fields out (``pipelines.training.read_source``);
+    ``sample`` gives them separately. The sample index is that of the sample actually delivered:
+    a substituted bad sample reports its replacement's index.
 
     ``on_bad_sample``: ``"fail"`` raises :class:`BadSampleError` naming the file; ``"skip"``
     substitutes the next good sample in dataset order (deterministic, so ranks still agree and the
@@ -245,24 +258,73 @@ class SampleSource:
     # ---- the callable ---------------------------------------------------------------------
     @property
     def quantized(self) -> bool:
-        """True for uint8 label scores: only those carry a per-record scale and offset, and only
-        then does a sample have those two outputs (fewer outputs, less per-sample work)."""
+        """True for uint8 label scores: only those need their record's scale and offset."""
         return self.with_labels and np.dtype(self.geometry.score_dtype) == np.uint8
 
     @property
     def output_dtypes(self) -> list[np.dtype]:
-        """(image, [scores, class_ids, [scale, offset]], label, index)."""
-        tail = [np.int64, np.int64]
-        if not self.with_labels:
-            return [np.uint8] + tail
-        dequantize = [np.float32, np.float32] if self.quantized else []
-        return [np.uint8, np.dtype(self.geometry.score_dtype), np.uint16] + dequantize + tail
+        """The two arrays per sample: the encoded image and the packed sample (see ``pack``)."""
+        return [np.dtype(np.uint8), np.dtype(np.uint8)]
 
     @property
     def output_ndims(self) -> list[int]:
+        return [1, 1]
+
+    @property
+    def packed_size(self) -> int:
+        return PACKED_HEAD + (self.geometry.record_dtype.itemsize if self.with_labels else 0)
+
+    @property
+    def packed_fields(self) -> dict[str, tuple[int, np.dtype, tuple]]:
+        """``name -> (byte offset in the packed sample, dtype, shape)`` for ``label`` and ``index``
+        and, with labels, the record's ``scores``, ``class_ids``, ``scale`` and ``offset``."""
+        fields = {"label": (0, np.dtype(np.int64), ()), "index": (8, np.dtype(np.int64), ())}
+        if self.with_labels:
+            record = self.geometry.record_dtype
+            for name in ("scores", "class_ids", "scale", "offset"):
+                dtype, offset = record.fields[name][:2]
+                fields[name] = (PACKED_HEAD + offset, dtype.base, dtype.shape)
+        return fields
+
+    def sample(self, sample_info) -> Sample:
+        """The sample of ``sample_info``'s slot (``idx_in_epoch``, ``epoch_idx``) as separate fields."""
+        slots = self._slots(self.start_epoch + sample_info.epoch_idx)
+        if sample_info.idx_in_epoch >= len(slots):
+            raise StopIteration
+        slot = int(slots[sample_info.idx_in_epoch])
+        # Masked padding still carries a real image, so the decoder sees nothing special.
+        delivered, data = self._good_sample(max(slot, 0))
+        label, index = (int(self.labels[delivered]), delivered) if slot >= 0 else (-1, -1)
+        record = None
+        if self.with_labels:
+            if self._reader is None:
+                self._reader = LabelShardReader(self.label_root)
+            record = self._reader.record_bytes(int(self.record_numbers[delivered]))
+        return Sample(np.frombuffer(data, dtype=np.uint8), label, index, record)
+
+    def pack(self, sample: Sample) -> np.ndarray:
+        """One uint8 array for everything but the image: int64 label, int64 sample index, then the
+        stored label record's bytes as they are in the shard. Every array a parallel source
+        returns costs its workers and the pipeline a fixed overhead per sample, several times
+        that of copying a 4.5 KB record, so a sample travels as two arrays with or without labels."""
+        packed = np.empty(self.packed_size, dtype=np.uint8)
+        packed[:PACKED_HEAD].view(np.int64)[:] = (sample.label, sample.index)
+        if sample.record is not None:
+            packed[PACKED_HEAD:] = sample.record
+        return packed
+
+    def unpack(self, packed: np.ndarray) -> tuple[int, int, LabelRecord | None]:
+        """(label, index, label record or None) from a packed sample, as the graph reads it."""
+        packed = np.asarray(packed, dtype=np.uint8)
+        label, index = packed[:PACKED_HEAD].view(np.int64).tolist()
         if not self.with_labels:
-            return [1, 0, 0]
-        return [1, 3, 3] + ([0, 0] if self.quantized else []) + [0, 0]
+            return label, index, None
+        row = packed[PACKED_HEAD:].view(self.geometry.record_dtype)[0]
+        return label, index, LabelRecord(row["scores"], row["class_ids"], float(row["scale"]), float(row["offset"]))
+
+    def __call__(self, sample_info):
+        sample = self.sample(sample_info)
+        return sample.image, self.pack(sample)
 
     def _slots(self, epoch: int) -> np.ndarray:
         if self._cached_epoch != epoch:
@@ -292,26 +354,6 @@ class SampleSource:
                 log.warning("%s: substituted by %s", message, self.paths[candidate])
                 return candidate, data
         raise BadSampleError(f"{self.root}: no readable image left to substitute for {self.paths[index]}")
-
-    def __call__(self, sample_info):
-        slots = self._slots(self.start_epoch + sample_info.epoch_idx)
-        if sample_info.idx_in_epoch >= len(slots):
-            raise StopIteration
-        slot = int(slots[sample_info.idx_in_epoch])
-        # Masked padding still carries a real image, so the decoder sees nothing special.
-        delivered, data = self._good_sample(max(slot, 0))
-        label, index = (int(self.labels[delivered]), delivered) if slot >= 0 else (-1, -1)
-        image = np.frombuffer(data, dtype=np.uint8)
-        tail = (np.array(label, dtype=np.int64), np.array(index, dtype=np.int64))
-        if not self.with_labels:
-            return (image,) + tail
-        if self._reader is None:
-            self._reader = LabelShardReader(self.label_root)
-        record = self._reader.record(int(self.record_numbers[delivered]))
-        if not self.quantized:
-            return (image, record.scores, record.class_ids) + tail
-        return (image, record.scores, record.class_ids, np.array(record.scale, dtype=np.float32),
-                np.array(record.offset, dtype=np.float32)) + tail
 
     # Workers reopen the label mapping themselves: a pickled mmap would travel as a full copy.
     def __getstate__(self) -> dict:

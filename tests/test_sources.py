@@ -189,36 +189,44 @@ class TestSampleSource:
         image_root, label_root, keys = make_dataset(tmp_path, score_dtype=score_dtype)
         source = SampleSource(image_root, label_root, batch_size=2, shuffle=False)
         reader = LabelShardReader(label_root)
-        assert source.output_dtypes[1] == np.dtype(score_dtype)
         assert source.quantized == (score_dtype == "uint8")
         for slot in range(len(source)):
             out = source(info(slot))
-            assert [np.asarray(o).dtype for o in out] == source.output_dtypes
-            assert [np.ndim(o) for o in out] == source.output_ndims
-            record = reader.record(keys[slot])
-            if score_dtype == "uint8":
-                image, scores, class_ids, scale, offset, label, index = out
-                assert (float(scale), float(offset)) == (record.scale, record.offset)
-            else:  # float scores carry no dequantization outputs (the stored ones are 1 and 0)
-                image, scores, class_ids, label, index = out
-                assert (record.scale, record.offset) == (1.0, 0.0)
+            assert [o.dtype for o in out] == source.output_dtypes and [o.ndim for o in out] == source.output_ndims
+            image, packed = out
+            assert packed.nbytes == source.packed_size == 16 + reader.geometry.record_dtype.itemsize
+            label, index, record = source.unpack(packed)
+            stored = reader.record(keys[slot])
             assert index == slot and label == slot // 4
             assert image.tobytes() == (image_root / (keys[slot] + ".JPEG")).read_bytes()
-            assert np.array_equal(scores, record.scores) and scores.dtype == record.scores.dtype
-            assert np.array_equal(class_ids, record.class_ids)
+            assert record.scores.dtype == np.dtype(score_dtype) and np.array_equal(record.scores, stored.scores)
+            assert np.array_equal(record.class_ids, stored.class_ids)
+            assert (record.scale, record.offset) == (stored.scale, stored.offset)
+            # The packed fields the graph slices out, read independently of unpack().
+            fields = source.packed_fields
+            for name, value in (("label", label), ("index", index), ("scores", stored.scores),
+                                ("class_ids", stored.class_ids), ("scale", stored.scale),
+                                ("offset", stored.offset)):
+                start, dtype, shape = fields[name]
+                count = int(np.prod(shape, dtype=np.int64))
+                raw = packed[start:start + dtype.itemsize * count].view(dtype).reshape(shape)
+                assert np.array_equal(raw, value), name
         with pytest.raises(StopIteration):
             source(info(len(source)))
 
     def test_without_labels(self, tmp_path):
         image_root, _, _ = make_dataset(tmp_path, labels=False)
         source = SampleSource(image_root, batch_size=4, shuffle=False)
-        image, label, index = source(info(5))
-        assert (int(label), int(index)) == (1, 5) and source.output_ndims == [1, 0, 0]
+        image, packed = source(info(5))
+        assert packed.nbytes == 16 and source.unpack(packed) == (1, 5, None)
+        sample = source.sample(info(5))
+        assert (sample.label, sample.index, sample.record) == (1, 5, None)
+        assert sample.image.tobytes() == image.tobytes()
 
     def test_epoch_index_drives_the_order(self, tmp_path):
         image_root, _, _ = make_dataset(tmp_path, labels=False, per_class=8)
         source = SampleSource(image_root, batch_size=4, seed=3, start_epoch=2)
-        order = [int(source(info(i, epoch=1))[-1]) for i in range(len(source))]
+        order = [source.sample(info(i, epoch=1)).index for i in range(len(source))]
         assert order == source.epoch_slots(3).tolist()
         assert sorted(order) == list(range(16))
 
@@ -228,8 +236,7 @@ class TestSampleSource:
         source(info(0))
         clone = pickle.loads(pickle.dumps(source))
         assert clone._reader is None
-        assert [np.asarray(a).tolist() for a in clone(info(1))[1:]] == \
-               [np.asarray(a).tolist() for a in source(info(1))[1:]]
+        assert np.array_equal(clone(info(1))[1], source(info(1))[1])
 
     def test_image_without_record(self, tmp_path):
         image_root, label_root, keys = make_dataset(tmp_path, skip_records=("c1/img2",))
@@ -253,10 +260,10 @@ class TestSampleSource:
         with pytest.raises(BadSampleError, match=r"img1.JPEG: truncated JPEG"):
             source(info(1))
         skip = SampleSource(image_root, label_root, batch_size=2, shuffle=False, on_bad_sample="skip")
-        out = skip(info(1))
+        label, index, record = skip.unpack(skip(info(1))[1])
         reader = LabelShardReader(label_root)
-        assert int(out[-1]) == 2 and int(out[-2]) == 0  # the next good sample stands in
-        assert np.array_equal(out[1], reader.record("c0/img2").scores)
+        assert index == 2 and label == 0  # the next good sample stands in
+        assert np.array_equal(record.scores, reader.record("c0/img2").scores)
 
     def test_bad_arguments(self, tmp_path):
         image_root, _, _ = make_dataset(tmp_path, labels=False)
