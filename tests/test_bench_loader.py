@@ -1,0 +1,35 @@
+"""tools/bench_loader.py end to end on a tiny generated data set: it runs, and its JSON is
+consistent with itself. No speed is asserted (speed is the script's output, not a test)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench_loader  # noqa: E402
+
+
+@pytest.mark.slow
+def test_three_loaders_and_their_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    code = bench_loader.main(["--images", "48", "--batch-size", "8", "--image-size", "32", "--workers", "1",
+                              "--rounds", "2", "--json", str(out), "--plot", str(tmp_path / "bench.png")])
+    assert code == 0
+    result = json.loads(out.read_text())
+    rates = result["images_per_s"]
+    assert set(rates) == {"a_dali_relabel", "b_dali_no_labels", "c_official_torch"}
+    assert all(rate > 0 for rate in rates.values())
+    assert result["images"] == 48 and len(result["images_per_s_per_round"]) == 2
+    assert result["a_over_c"] == pytest.approx(rates["a_dali_relabel"] / rates["c_official_torch"])
+    assert result["a_over_b"] == pytest.approx(rates["a_dali_relabel"] / rates["b_dali_no_labels"])
+    for ratio, (top, bottom) in {"a_over_c": ("a_dali_relabel", "c_official_torch"),
+                                 "a_over_b": ("a_dali_relabel", "b_dali_no_labels")}.items():
+        expected = [r[top] / r[bottom] for r in result["images_per_s_per_round"]]
+        assert result[f"{ratio}_per_round"] == pytest.approx(expected)
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_data_arguments_come_together():
+    with pytest.raises(SystemExit):
+        bench_loader.main(["--data", "somewhere"])
