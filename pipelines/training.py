@@ -1,7 +1,7 @@
 """The training graph: decode a random crop, know its box, pool the label map over that box.
 
 ``training_pipeline(...)`` only builds a graph from its arguments (no I/O, no global state beyond
-loading the LabelPool plugin once); the caller builds and runs it. Outputs, in order:
+loading the operator plugin once); the caller builds and runs it. Outputs, in order:
 ``images`` ([3, S, S] float32/float16, normalized), ``boxes`` (float32 [4] normalized xyxy of the
 crop in the whole, unflipped image), ``targets`` (float32 [num_classes]: pooled soft labels, or
 one-hot labels when ``use_relabel`` is False), ``labels`` and ``indices`` (int64 scalars).

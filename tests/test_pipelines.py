@@ -279,6 +279,26 @@ class TestColourTransform:
         assert brightness.std() > 0.1 and contrast_saturation.std() > 0.1
 
 
+    def test_lighting_is_the_pca_basis_times_normal_coefficients(self, tmp_path):
+        # With jitter off, a flat image's output is its colour plus 255 * basis @ alpha: solving for
+        # alpha must give independent N(0, 0.1) coefficients (a wrong basis orientation would mix
+        # eigenvalues 0.2175 and 0.0045 and blow the smallest component's spread up or down).
+        colour = np.array([120.0, 100.0, 80.0])
+        (tmp_path / "c0").mkdir()
+        for i in range(64):
+            flat = np.broadcast_to(colour.astype(np.uint8), (12, 12, 3))
+            (tmp_path / "c0" / f"flat{i:02d}.JPEG").write_bytes(encode(np.ascontiguousarray(flat), "PNG"))
+        source = SampleSource(tmp_path, batch_size=16, seed=9)
+        out = run_epoch(plain(source, batch_size=16, image_size=8, lighting_std=0.1), NAMES)
+        x = pixels(out["images"]).reshape(64, 3, -1).astype(np.float64)
+        assert np.ptp(x, axis=2).max() < 1e-3
+        basis = np.array(augment.PCA_EIGVEC) * np.array(augment.PCA_EIGVAL)
+        alphas = np.linalg.solve(basis, ((x.mean(axis=2) - colour) / 255).T).T
+        assert np.all(np.abs(alphas.mean(axis=0)) < 0.05)
+        assert np.all((alphas.std(axis=0) > 0.06) & (alphas.std(axis=0) < 0.14))
+        assert abs(np.corrcoef(alphas.T)[0, 1]) < 0.4
+
+
 class TestAwkwardFiles:
     @pytest.mark.parametrize("fmt,mode,name", [("JPEG", "CMYK", "cmyk.JPEG"), ("PNG", "RGB", "png.JPEG"),
                                                ("JPEG", "L", "grey.JPEG"), ("JPEG", "RGB", "plain.JPEG")])
