@@ -203,6 +203,15 @@ def jitter_step_by_step(image, b, c, s, rgb, order):
     return x.reshape(image.shape)
 
 
+def flat_images(root, colour, count, shape):
+    """``root/c0/flatNN.JPEG``: ``count`` single-colour images (PNG bytes: lossless); returns root."""
+    (root / "c0").mkdir()
+    for i in range(count):
+        flat = np.broadcast_to(np.asarray(colour).astype(np.uint8), (*shape, 3))
+        (root / "c0" / f"flat{i:02d}.JPEG").write_bytes(encode(np.ascontiguousarray(flat), "PNG"))
+    return root
+
+
 def smooth_images(count, shape, low, high, seed):
     rng = np.random.default_rng(seed)
     out = []
@@ -259,11 +268,7 @@ class TestColourTransform:
         # On a flat image the output grey is b * grey (contrast about the image's own mean and
         # saturation keep the grey), and the chroma is scaled by b * c * s.
         colour = np.array([150.0, 90.0, 60.0])
-        (tmp_path / "c0").mkdir()
-        for i in range(16):
-            flat = np.broadcast_to(colour.astype(np.uint8), (20, 24, 3))
-            (tmp_path / "c0" / f"flat{i:02d}.JPEG").write_bytes(encode(np.ascontiguousarray(flat), "PNG"))
-        source = SampleSource(tmp_path, batch_size=8, seed=5)
+        source = SampleSource(flat_images(tmp_path, colour, 16, (20, 24)), batch_size=8, seed=5)
         out = run_epoch(plain(source, batch_size=8, image_size=8, color_jitter=0.4, dtype=dtype), NAMES)
         x = pixels(out["images"]).reshape(16, 3, -1).astype(np.float64)
         assert np.ptp(x, axis=2).max() < 0.5  # one affine map per image: a flat image stays flat
@@ -278,17 +283,12 @@ class TestColourTransform:
         assert np.all((contrast_saturation > 0.36 - tolerance) & (contrast_saturation < 1.96 + tolerance))
         assert brightness.std() > 0.1 and contrast_saturation.std() > 0.1
 
-
     def test_lighting_is_the_pca_basis_times_normal_coefficients(self, tmp_path):
         # With jitter off, a flat image's output is its colour plus 255 * basis @ alpha: solving for
         # alpha must give independent N(0, 0.1) coefficients (a wrong basis orientation would mix
         # eigenvalues 0.2175 and 0.0045 and blow the smallest component's spread up or down).
         colour = np.array([120.0, 100.0, 80.0])
-        (tmp_path / "c0").mkdir()
-        for i in range(64):
-            flat = np.broadcast_to(colour.astype(np.uint8), (12, 12, 3))
-            (tmp_path / "c0" / f"flat{i:02d}.JPEG").write_bytes(encode(np.ascontiguousarray(flat), "PNG"))
-        source = SampleSource(tmp_path, batch_size=16, seed=9)
+        source = SampleSource(flat_images(tmp_path, colour, 64, (12, 12)), batch_size=16, seed=9)
         out = run_epoch(plain(source, batch_size=16, image_size=8, lighting_std=0.1), NAMES)
         x = pixels(out["images"]).reshape(64, 3, -1).astype(np.float64)
         assert np.ptp(x, axis=2).max() < 1e-3
