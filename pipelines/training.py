@@ -30,13 +30,12 @@ def read_source(source, py_workers: int) -> dict:
                                        dtype=[dali_type(d) for d in source.output_dtypes],
                                        ndim=source.output_ndims)
     nodes = {"jpegs": jpegs}
-    names = {"label": "labels", "index": "indices", "scores": "scores", "class_ids": "class_ids",
-             "scale": "scale", "offset": "offset"}
+    plural = {"label": "labels", "index": "indices"}
     for name, (start, dtype, shape) in source.packed_fields.items():
         if name in ("scale", "offset") and not source.quantized:
             continue  # float scores are stored with scale 1 and offset 0: nothing to apply
         stop = start + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-        nodes[names[name]] = fn.reinterpret(packed[start:stop], dtype=dali_type(dtype), shape=list(shape))
+        nodes[plural.get(name, name)] = fn.reinterpret(packed[start:stop], dtype=dali_type(dtype), shape=list(shape))
     return nodes
 
 
@@ -63,7 +62,7 @@ def lighting_offsets(lighting_std: float):
     if lighting_std <= 0:
         return (0.0, 0.0, 0.0)
     alphas = [fn.random.normal(stddev=lighting_std) for _ in range(3)]
-    return tuple(sum(alphas[j] * (augment.PCA_EIGVEC[c][j] * augment.PCA_EIGVAL[j]) for j in range(3))
+    return tuple(sum(alphas[j] * augment.PCA_BASIS[c][j] for j in range(3))
                  for c in range(3))
 
 
@@ -153,7 +152,7 @@ def jitter_and_normalize(images, *, strength: float, lighting_std: float, mirror
                             mirror=mirror, dtype=dtype)
 
 
-LIGHTING_BASIS = [augment.PCA_EIGVEC[c][j] * augment.PCA_EIGVAL[j] for c in range(3) for j in range(3)]
+LIGHTING_BASIS = [value for row in augment.PCA_BASIS for value in row]  # row-major, as the operator takes it
 
 
 def resize_jitter_normalize(images, *, size, strength: float, lighting_std: float, mirror, dtype,

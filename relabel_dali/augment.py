@@ -12,6 +12,8 @@ PCA_EIGVEC = (
     (-0.5808, -0.0045, -0.8140),
     (-0.5836, -0.6948, 0.4203),
 )
+# Lighting adds PCA_BASIS @ alpha (0..1 scale), alpha ~ N(0, LIGHTING_STD): eigenvectors scaled by eigenvalues.
+PCA_BASIS = tuple(tuple(PCA_EIGVEC[c][j] * PCA_EIGVAL[j] for j in range(3)) for c in range(3))
 LIGHTING_STD = 0.1
 COLOR_JITTER = 0.4  # brightness, contrast and saturation factors drawn from [1 - 0.4, 1 + 0.4]
 # The grey that contrast and saturation blend towards (ITU-R 601 luma, as PIL's "L" conversion).

@@ -37,6 +37,7 @@ struct ResampleAxis {
   int in_size = 0, out_size = 0, stride = 0;  // stride: coefficients reserved per output index
   std::vector<int> first, count;              // first input index and number of taps, per output index
   std::vector<int32_t> weights;               // [out_size * stride], fixed point
+  std::vector<double> taps;                   // one output's filter values before rounding
 
   void Compute(int in, int out) {
     in_size = in;
@@ -49,7 +50,8 @@ struct ResampleAxis {
     first.assign(out, 0);
     count.assign(out, 0);
     weights.assign(static_cast<size_t>(out) * stride, 0);
-    std::vector<double> w(stride);
+    taps.resize(stride);
+    double *w = taps.data();
     for (int o = 0; o < out; ++o) {
       const double center = (o + 0.5) * scale;
       const int lo = std::max(0, static_cast<int>(center - support + 0.5));
