@@ -3,6 +3,8 @@
 
 PYTHON ?= python3
 VENV ?= .venv
+# Extra `python -m venv` arguments: the image uses --system-site-packages to reuse its base's torch.
+VENV_ARGS ?=
 DALI_VARIANT ?= cuda130
 DALI_VERSION ?= 2.4.0
 # Extra pip arguments for the DALI wheel, e.g. NVIDIA's own package index for cuda110, whose
@@ -20,7 +22,7 @@ PIP := PIP_FIND_LINKS= $(BIN)/python -m pip
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(DALI_PIP_ARGS) "nvidia-dali-$(DALI_VARIANT)==$(DALI_VERSION)"
 	$(PIP) install -q -e ".[demo,dev]"
