@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from relabel_dali.checkpoint import (BEST_NAME, FORMAT, LAST_NAME, atomic_copy, atomic_torch_save, load_checkpoint,
-                                     load_model_weights, resolve_resume, rng_state, set_rng_state)
+from relabel_dali.checkpoint import (BEST_NAME, FORMAT, LAST_NAME, atomic_copy, load_checkpoint, load_model_weights,
+                                     resolve_resume, rng_state, save_keeping_previous, set_rng_state)
 from relabel_dali.config import ConfigError, parse_command_line, save_config, to_plain
 from relabel_dali.distributed import barrier, cleanup, init_distributed
 from relabel_dali.engine import RunLogger, build_data, build_real, evaluate, train_one_epoch
@@ -45,10 +45,10 @@ def evaluate_weights(cfg, env, data, model) -> dict:
 
 
 def save(path, model, optimizer, schedule, scaler, cfg, epoch, best_top1, last_metrics) -> None:
-    atomic_torch_save({"format": FORMAT, "epoch": epoch, "model": unwrap(model).state_dict(),
-                       "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                       "scaler": scaler.state_dict(), "best_top1": best_top1, "metrics": last_metrics,
-                       "config": to_plain(cfg), "rng": rng_state(), "arch": cfg.model.arch}, path)
+    save_keeping_previous({"format": FORMAT, "epoch": epoch, "model": unwrap(model).state_dict(),
+                           "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                           "scaler": scaler.state_dict(), "best_top1": best_top1, "metrics": last_metrics,
+                           "config": to_plain(cfg), "rng": rng_state(), "arch": cfg.model.arch}, path)
 
 
 def run(cfg, resume) -> int:

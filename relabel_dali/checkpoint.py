@@ -1,10 +1,18 @@
 """Checkpoints: atomic writes, everything needed to continue a run exactly, and weight loading
-that also reads the official ReLabel checkpoints ('state_dict', 'module.' prefixes)."""
+that also reads the official ReLabel checkpoints ('state_dict', 'module.' prefixes).
+
+The last two checkpoints of a run are kept (``checkpoint-last.pth`` and
+``checkpoint-previous.pth``): ``--resume auto`` checks the last one's zip structure and CRCs and,
+when it is damaged (a truncated copy, a disk that filled outside our atomic write, a flipped byte),
+resumes from the previous one and says so.
+"""
 from __future__ import annotations
 
 import os
 import random
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +23,7 @@ from .models import strip_prefix
 
 LAST_NAME = "checkpoint-last.pth"
 BEST_NAME = "checkpoint-best.pth"
+PREVIOUS_NAME = "checkpoint-previous.pth"
 FORMAT = "relabel_dali.checkpoint"
 
 
@@ -22,6 +31,35 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """A run killed while saving keeps the previous checkpoint."""
     with atomic_open(path) as handle:
         torch.save(obj, handle)
+
+
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where ``save_keeping_previous`` moves the checkpoint it replaces."""
+    path = Path(path)
+    return path.with_name(PREVIOUS_NAME if path.name == LAST_NAME else f"{path.stem}-previous{path.suffix}")
+
+
+def save_keeping_previous(obj, path: str | os.PathLike) -> None:
+    """Saves atomically after moving the current ``path`` to ``previous_path(path)``: a checkpoint
+    damaged later still leaves the one before it. A kill between the two steps leaves only the
+    previous checkpoint, which ``resolve_resume('auto')`` then picks."""
+    path = Path(path)
+    if path.is_file():
+        os.replace(path, previous_path(path))
+    atomic_torch_save(obj, path)
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """None when ``path`` is a complete torch zip checkpoint whose stored CRCs all match (torch.load
+    itself does not check them: a flipped byte loads as a silently wrong tensor)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return "not a complete checkpoint (no zip directory at its end: truncated or not a torch.save file)"
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as error:
+        return f"unreadable ({type(error).__name__}: {error})"
+    return f"entry {bad} fails its CRC check (damaged file)" if bad else None
 
 
 def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:
@@ -79,14 +117,32 @@ def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict:
     return checkpoint
 
 
-def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
-    """'auto' -> the run folder's last checkpoint when there is one; a path must exist."""
+def resolve_resume(resume: str | None, output_dir: str | os.PathLike, warn=None) -> Path | None:
+    """'auto' -> the run folder's last intact checkpoint (last, else previous, saying why through
+    ``warn``, default stderr), None when the folder holds neither; a path must exist and be intact."""
     if not resume:
         return None
+    warn = warn or (lambda message: print(message, file=sys.stderr, flush=True))
     if resume == "auto":
-        last = Path(output_dir) / LAST_NAME
-        return last if last.is_file() else None
+        found = []
+        for path in (Path(output_dir) / LAST_NAME, Path(output_dir) / PREVIOUS_NAME):
+            if not path.is_file():
+                continue
+            problem = checkpoint_problem(path)
+            if problem is None:
+                if found:
+                    warn(f"warning: --resume auto: {found[0]}; resuming from the previous checkpoint {path} "
+                         f"instead (one save interval of training is repeated)")
+                return path
+            found.append(f"{path} is {problem}")
+        if found:
+            raise ValueError(f"--resume auto: no intact checkpoint in {output_dir}: " + "; ".join(found)
+                             + ". Move them away to start afresh, or resume from another file with --resume PATH")
+        return None
     path = Path(resume)
     if not path.is_file():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"--resume {resume}: {problem}")
     return path
