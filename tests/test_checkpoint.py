@@ -101,8 +101,25 @@ class TestResolveResume:
         assert ckpt.resolve_resume("auto", tmp_path) is None
 
     def test_auto_finds_last(self, tmp_path):
-        (tmp_path / ckpt.LAST_NAME).write_bytes(b"x")
+        ckpt.atomic_torch_save({"epoch": 1}, tmp_path / ckpt.LAST_NAME)
         assert ckpt.resolve_resume("auto", tmp_path) == tmp_path / ckpt.LAST_NAME
+
+    def test_auto_with_only_damaged_checkpoints_names_them(self, tmp_path):
+        (tmp_path / ckpt.LAST_NAME).write_bytes(b"x")
+        with pytest.raises(ValueError, match="no intact checkpoint .*checkpoint-last.pth is not a complete"):
+            ckpt.resolve_resume("auto", tmp_path)
+
+    def test_damaged_explicit_path(self, tmp_path):
+        (tmp_path / "a.pth").write_bytes(b"x")
+        with pytest.raises(ValueError, match="--resume .*a.pth: not a complete checkpoint"):
+            ckpt.resolve_resume(str(tmp_path / "a.pth"), tmp_path)
+
+    def test_save_keeping_previous(self, tmp_path):
+        for epoch in (1, 2, 3):
+            ckpt.save_keeping_previous({"epoch": epoch}, tmp_path / ckpt.LAST_NAME)
+        assert ckpt.load_checkpoint(tmp_path / ckpt.LAST_NAME)["epoch"] == 3
+        assert ckpt.load_checkpoint(tmp_path / ckpt.PREVIOUS_NAME)["epoch"] == 2
+        assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.LAST_NAME, ckpt.PREVIOUS_NAME]
 
     def test_none(self, tmp_path):
         assert ckpt.resolve_resume(None, tmp_path) is None
