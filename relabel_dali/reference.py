@@ -1,7 +1,8 @@
 """Literal LabelPooling as the official ReLabel code computes it: dense scatter, roi_align, softmax.
 
-For tests only: it builds the dense [N, C, H, W] map the native operator avoids, so it is slow and
-memory hungry, and it shares no code with the operator.
+For tests, benchmarks and tools/gpu_check.py (and the official-style comparison loader): it builds
+the dense [N, C, H, W] map the native operator avoids, so it is slow and memory hungry, and it
+shares no code with the operator. Every function runs on the device of its inputs.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ MODES = ("softmax", "argmax", "global_softmax", "global_argmax")
 def dense_label_maps(scores: torch.Tensor, class_ids: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Scatters top-k maps [N, k, H, W] into dense float32 maps [N, C, H, W]; absent classes are 0."""
     n, _, h, w = scores.shape
-    dense = torch.zeros(n, num_classes, h, w, dtype=torch.float32)
+    dense = torch.zeros(n, num_classes, h, w, dtype=torch.float32, device=scores.device)
     return dense.scatter_(1, class_ids.long(), scores.to(torch.float32))
 
 
@@ -26,10 +27,12 @@ def official_label_pooling(official_maps: torch.Tensor, coords: torch.Tensor, nu
     the maps' last dimension and shifting by half a cell, exactly as the official code does.
     """
     n = official_maps.shape[0]
-    dense = torch.zeros(n, num_classes, official_maps.shape[3], official_maps.shape[4])
+    device = official_maps.device
+    dense = torch.zeros(n, num_classes, official_maps.shape[3], official_maps.shape[4], device=device)
     for sample_map, sample_topk in zip(dense, official_maps):
         sample_map.scatter_(0, sample_topk[1].long(), sample_topk[0])
-    rois = torch.cat([torch.arange(n).view(n, 1).float(), coords.float() * dense.size(3) - 0.5], 1)
+    rois = torch.cat([torch.arange(n, device=device).view(n, 1).float(),
+                      coords.float() * dense.size(3) - 0.5], 1)
     pooled = roi_align(input=dense, boxes=rois, output_size=(1, 1))
     return torch.softmax(pooled.reshape(n, num_classes), 1)
 
@@ -45,13 +48,23 @@ def reference_pool(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.T
         pooled = dense.mean(dim=(2, 3))
     else:
         b = boxes.to(torch.float32)
-        rois = torch.stack([torch.arange(n, dtype=torch.float32), b[:, 0] * w - 0.5, b[:, 1] * h - 0.5,
-                            b[:, 2] * w - 0.5, b[:, 3] * h - 0.5], 1)
+        rois = torch.stack([torch.arange(n, dtype=torch.float32, device=b.device), b[:, 0] * w - 0.5,
+                            b[:, 1] * h - 0.5, b[:, 2] * w - 0.5, b[:, 3] * h - 0.5], 1)
         pooled = roi_align(dense, rois, output_size=1, spatial_scale=1.0, sampling_ratio=-1,
                            aligned=False).reshape(n, num_classes)
     if mode.endswith("argmax"):
         return torch.nn.functional.one_hot(pooled.argmax(1), num_classes).to(torch.float32)
     return torch.softmax(pooled, 1)
+
+
+def clear_top2(pooled: torch.Tensor, rel_gap: float = 1e-6) -> torch.Tensor:
+    """Rows of pooled class scores [N, C] (either softmax mode's output) whose best value beats the
+    second best by more than float rounding, ``rel_gap`` of the best. There every correct argmax
+    agrees; on near-ties the summation order (the GPU's atomic adds) may pick either class."""
+    if pooled.shape[1] == 1:
+        return torch.ones(len(pooled), dtype=torch.bool, device=pooled.device)
+    top2 = pooled.topk(2, dim=1).values
+    return (top2[:, 0] - top2[:, 1]) > rel_gap * top2[:, 0]
 
 
 def random_topk_maps(n: int, k: int, h: int, w: int, num_classes: int, generator: torch.Generator,

@@ -11,10 +11,9 @@ import torch
 from relabel_dali import format as fmt
 from relabel_dali.ops import build_info, load_label_pool
 from relabel_dali.pooling import pool_labels
-from relabel_dali.reference import MODES, random_boxes, random_topk_maps, reference_pool
+from relabel_dali.reference import MODES, clear_top2, random_boxes, random_topk_maps, reference_pool
 
 TOL = 1e-6
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 
 
 def run_label_pool(scores, class_ids, boxes, batch_size, device="cpu", scale=None, offset=None, **op_args):
@@ -157,7 +156,6 @@ class TestLabelPoolOperatorErrors:
 
 
 @pytest.mark.gpu
-@CUDA
 class TestLabelPoolOperatorGpu:
     @pytest.mark.parametrize("mode", MODES)
     def test_gpu_matches_cpu(self, mode):
@@ -165,7 +163,13 @@ class TestLabelPoolOperatorGpu:
         args = (scores.numpy(), class_ids.numpy().astype(np.uint16), boxes.numpy(), 256)
         cpu = run_label_pool(*args, mode=mode)
         gpu = run_label_pool(*args, device="gpu", mode=mode)
-        np.testing.assert_allclose(gpu, cpu, atol=TOL, rtol=0)
+        if "argmax" in mode:
+            # Atomic-sum order on the GPU may flip a near-tie: compare where the top two are apart.
+            clear = clear_top2(torch.from_numpy(run_label_pool(*args, mode=mode.replace("argmax", "softmax"))))
+            assert clear.float().mean() > 0.99
+            np.testing.assert_array_equal(gpu[clear.numpy()], cpu[clear.numpy()])
+        else:
+            np.testing.assert_allclose(gpu, cpu, atol=TOL, rtol=0)
 
 
 BUILD_SCRIPT = textwrap.dedent("""

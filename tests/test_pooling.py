@@ -4,11 +4,10 @@ import torch
 
 from relabel_dali import format as fmt
 from relabel_dali.pooling import pool_labels
-from relabel_dali.reference import (MODES, dense_label_maps, official_label_pooling, random_boxes,
-                                    random_topk_maps, reference_pool)
+from relabel_dali.reference import (MODES, clear_top2, dense_label_maps, official_label_pooling,
+                                    random_boxes, random_topk_maps, reference_pool)
 
 TOL = 1e-6
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 
 
 def reference_in_chunks(scores, class_ids, boxes, num_classes, mode, chunk=250):
@@ -27,8 +26,7 @@ def assert_pooled_close(got, scores, class_ids, boxes, num_classes, mode, expect
         torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
         return
     soft = reference_in_chunks(scores, class_ids, boxes, num_classes, mode.replace("argmax", "softmax"))
-    top2 = soft.topk(2, dim=1).values if num_classes > 1 else torch.cat([soft, -soft], 1)
-    clear = (top2[:, 0] - top2[:, 1]) > 1e-6 * top2[:, 0]
+    clear = clear_top2(soft)
     assert clear.float().mean() > 0.99
     assert torch.equal(got[clear], expected[clear])
     assert torch.equal(got.sum(1), torch.ones(len(got)))
@@ -250,7 +248,6 @@ class TestReference:
 
 
 @pytest.mark.gpu
-@CUDA
 class TestPoolLabelsCuda:
     @pytest.mark.parametrize("mode", MODES)
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.uint8])
@@ -266,7 +263,14 @@ class TestPoolLabelsCuda:
         cpu = pool_labels(scores, class_ids, boxes, 1000, mode, scale, offset)
         cuda = pool_labels(scores.cuda(), class_ids.cuda(), boxes.cuda(), 1000, mode,
                            None if scale is None else scale.cuda(), None if offset is None else offset.cuda())
-        torch.testing.assert_close(cuda.cpu(), cpu, atol=TOL, rtol=0)
+        if "argmax" in mode:
+            # Atomic-sum order on the GPU may flip a near-tie: compare where the top two are apart.
+            soft = pool_labels(scores, class_ids, boxes, 1000, mode.replace("argmax", "softmax"), scale, offset)
+            clear = clear_top2(soft)
+            assert clear.float().mean() > 0.99
+            assert torch.equal(cuda.cpu()[clear], cpu[clear])
+        else:
+            torch.testing.assert_close(cuda.cpu(), cpu, atol=TOL, rtol=0)
 
     def test_cuda_bad_box(self):
         scores, class_ids = random_topk_maps(2, 5, 15, 15, 100, torch.Generator().manual_seed(1))
