@@ -57,6 +57,14 @@ def cuda_archs() -> list[str]:
     return archs
 
 
+def nvcc_gencode(archs: list[str]) -> list[str]:
+    """Machine code for each arch, plus PTX for the newest, which the driver compiles at load time on
+    GPUs newer than all of them (instead of failing with "no kernel image is available")."""
+    newest = max(archs, key=int)
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a != newest] + [
+        f"-gencode=arch=compute_{newest},code=[sm_{newest},compute_{newest}]"]
+
+
 def find_nvcc() -> str | None:
     """nvcc to build the GPU backends with, or None (CPU only)."""
     if os.environ.get("RELABEL_DALI_NO_CUDA", "") not in ("", "0"):
@@ -162,7 +170,7 @@ def _compile_and_link(tmp: Path, cc_sources: list[str], cu_sources: list[str], c
         jobs.append([compiler, *CXX_FLAGS, *cflags, f"-I{cuda_include}", "-c", str(CSRC / source), "-o", str(obj)])
         objects.append(str(obj))
     if nvcc:
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in cuda_archs()]
+        gencode = nvcc_gencode(cuda_archs())
         for source in cu_sources:
             obj = tmp / (source + ".o")
             jobs.append([nvcc, *NVCC_FLAGS, *cflags, *gencode, "-c", str(CSRC / source), "-o", str(obj)])

@@ -212,6 +212,15 @@ class TestBuildCache:
         with pytest.raises(ops.BuildError, match="RELABEL_DALI_CUDA_ARCHS='sm_90'"):
             ops.cuda_archs()
 
+    @pytest.mark.parametrize("archs, ptx", [(["90"], "90"), (["80", "90"], "90"), (["90", "80"], "90"),
+                                            (["100", "90"], "100")])
+    def test_machine_code_for_every_arch_and_ptx_for_the_newest(self, archs, ptx):
+        from relabel_dali import ops
+
+        flags = ops.nvcc_gencode(archs)
+        assert sorted(flags) == sorted(f"-gencode=arch=compute_{a},code=sm_{a}" if a != ptx else
+                                       f"-gencode=arch=compute_{a},code=[sm_{a},compute_{a}]" for a in archs)
+
     def test_load_is_idempotent(self):
         from nvidia.dali import fn
 

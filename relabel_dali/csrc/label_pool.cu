@@ -12,7 +12,10 @@ namespace relabel_dali {
 namespace {
 
 __global__ void pool_samples_kernel(const DeviceSample *samples, int score_type, int num_classes, int mode) {
-  pool_sample_device(samples[blockIdx.x], score_type, num_classes, mode);
+  // A local copy: read through a reference into global memory, every field would be reloaded
+  // inside the loops, since the compiler must assume the output stores may alias the descriptor.
+  const DeviceSample sample = samples[blockIdx.x];
+  pool_sample_device(sample, score_type, num_classes, mode);
 }
 
 }  // namespace

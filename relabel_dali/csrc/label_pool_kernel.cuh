@@ -67,7 +67,8 @@ __device__ inline float block_sum(float v, float *shared) {
 
 // Needs (s.h + s.w) floats of dynamic shared memory and blockDim.x == kPoolBlock.
 // Class ids >= num_classes are skipped (memory safety): the host validates them where it can.
-__device__ inline void pool_sample_device(const DeviceSample &s, int score_type, int num_classes, int mode) {
+// The descriptor comes by value, so it lives in registers: the output stores cannot alias it.
+__device__ inline void pool_sample_device(const DeviceSample s, int score_type, int num_classes, int mode) {
   // Not named axis_weights: that names the host function of label_pool_math.h in this namespace,
   // a conflicting redeclaration that nvcc lets through with only a warning (#159-D).
   extern __shared__ float shared_axis_weights[];
