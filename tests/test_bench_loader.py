@@ -1,21 +1,25 @@
 """tools/bench_loader.py end to end on a tiny generated data set: it runs, and its JSON is
 consistent with itself. No speed is asserted (speed is the script's output, not a test)."""
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import bench_loader  # noqa: E402
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_loader.py"
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 def test_three_loaders_and_their_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    code = bench_loader.main(["--images", "48", "--batch-size", "8", "--image-size", "32", "--workers", "1",
-                              "--rounds", "2", "--json", str(out), "--plot", str(tmp_path / "bench.png")])
-    assert code == 0
+    result = run_tool("--images", "48", "--batch-size", "8", "--image-size", "32", "--workers", "1",
+                      "--rounds", "2", "--json", str(out), "--plot", str(tmp_path / "bench.png"))
+    assert result.returncode == 0, result.stderr
     result = json.loads(out.read_text())
     rates = result["images_per_s"]
     assert set(rates) == {"a_dali_relabel", "b_dali_no_labels", "c_official_torch"}
@@ -31,5 +35,5 @@ def test_three_loaders_and_their_ratios(tmp_path):
 
 
 def test_data_arguments_come_together():
-    with pytest.raises(SystemExit):
-        bench_loader.main(["--data", "somewhere"])
+    result = run_tool("--data", "somewhere")
+    assert result.returncode == 2 and "--data needs --labels and --pt" in result.stderr

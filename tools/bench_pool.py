@@ -6,7 +6,10 @@ against the official dense path (scatter into [N, C, H, W] + roi_align + softmax
 
 Maps are 5x15x15 top-5 float32, 1000 classes, random crop boxes; two id distributions: "random"
 (ids spread over all classes, the worst case) and "concentrated" (12 classes per image, like real
-annotator maps). Exit codes: 0 done; 2 the requested device is unavailable.
+annotator maps). Per method: seconds per batch (wall clock, device synchronised). ``dali_op`` is
+the pipeline with the operator less the same pipeline without it. On the GPU, ``kernel_us`` adds the device time of the LabelPool kernel
+alone, per batch, from the CUDA profiler (CUPTI): the C ABI's launch and the DALI operator's.
+Exit codes: 0 done; 2 the requested device is unavailable.
 """
 from __future__ import annotations
 
@@ -24,8 +27,10 @@ from tqdm import tqdm
 
 from relabel_dali.ops import build_info, load_label_pool
 from relabel_dali.pooling import pool_labels
-from relabel_dali.reference import random_boxes, random_topk_maps
+from relabel_dali.reference import random_boxes, random_topk_maps, reference_pool
 from relabel_dali.writer import atomic_write_bytes
+
+KERNELS = {"pool_labels": "pool_batch_kernel", "dali_op": "pool_samples_kernel"}
 
 
 def parse_args(argv=None):
@@ -38,8 +43,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def timed(fn, repeats, sync):
-    fn()  # warm-up: builds, allocations, first-touch
+def timed(fn, repeats, device):
+    """Seconds per call after one warm-up call (builds, allocations, first touch); the device is
+    synchronised before the clock stops (the whole device: DALI's stream too)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
     sync()
     started = time.perf_counter()
     for _ in range(repeats):
@@ -48,17 +56,24 @@ def timed(fn, repeats, sync):
     return (time.perf_counter() - started) / repeats
 
 
-def official_dense(scores, class_ids, boxes, num_classes=1000):
-    from torchvision.ops import roi_align
+def kernel_us(fn, repeats, kernel) -> float | None:
+    """Mean device time in microseconds of the CUDA kernel whose name contains ``kernel``, over
+    ``repeats`` calls of ``fn``; None where the profiler records no such kernel."""
+    from torch.profiler import ProfilerActivity, profile
 
-    n, _, h, w = scores.shape
-    dense = torch.zeros(n, num_classes, h, w, device=scores.device).scatter_(1, class_ids, scores)
-    rois = torch.stack([torch.arange(n, device=scores.device, dtype=torch.float32), boxes[:, 0] * w - 0.5,
-                        boxes[:, 1] * h - 0.5, boxes[:, 2] * w - 0.5, boxes[:, 3] * h - 0.5], 1)
-    return torch.softmax(roi_align(dense, rois, 1, 1.0, -1, False).flatten(1), 1)
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    times = [event.time_range.elapsed_us() for event in prof.events()
+             if event.device_type == torch.autograd.DeviceType.CUDA and kernel in event.name]
+    return float(np.mean(times)) if times else None
 
 
-def dali_op_runner(scores, class_ids, boxes, batch, device):
+def dali_runner(scores, class_ids, boxes, batch, device, with_op=True):
+    """One pipeline run per call: the inputs (fixed) through the operator, or only copied to the device."""
     load_label_pool()
     from nvidia.dali import fn, pipeline_def
 
@@ -67,18 +82,37 @@ def dali_op_runner(scores, class_ids, boxes, batch, device):
     @pipeline_def(batch_size=batch, num_threads=os.cpu_count() or 1, device_id=0 if device == "cuda" else None,
                   prefetch_queue_depth=1)
     def pipeline():
-        # The inputs stay fixed: what is timed is the operator plus the pipeline's own overhead.
         # Whole-batch arrays (not lists of samples): external_source copies them in one piece.
         si = fn.external_source(source=lambda: s, batch=True)
         ii = fn.external_source(source=lambda: i, batch=True)
         bi = fn.external_source(source=lambda: b, batch=True)
         if device == "cuda":
             si, ii = si.gpu(), ii.gpu()
+        if not with_op:
+            return si, ii, bi
         return fn.label_pool(si, ii, bi, device="gpu" if device == "cuda" else "cpu")
 
     pipe = pipeline()
     pipe.build()
     return lambda: pipe.run()
+
+
+def run_case(scores, class_ids, boxes, batch, repeats, device) -> tuple[dict, dict]:
+    """(seconds per batch per method, kernel microseconds per batch on CUDA)."""
+    ids16 = class_ids.to(torch.int16)
+    seconds = {
+        "official_dense": timed(lambda: reference_pool(scores, class_ids, boxes), max(2, repeats // 5), device),
+        "pool_labels": timed(lambda: pool_labels(scores, ids16, boxes), repeats, device)}
+    with_op = dali_runner(scores, class_ids, boxes, batch, device)
+    without_op = dali_runner(scores, class_ids, boxes, batch, device, with_op=False)
+    seconds["dali_pipeline"] = timed(with_op, repeats, device)
+    seconds["dali_op"] = max(seconds["dali_pipeline"] - timed(without_op, repeats, device), 1e-9)
+    kernels = {}
+    if device == "cuda":
+        kernels = {"pool_labels": kernel_us(lambda: pool_labels(scores, ids16, boxes, validate=False), repeats,
+                                            KERNELS["pool_labels"]),
+                   "dali_op": kernel_us(with_op, repeats, KERNELS["dali_op"])}
+    return seconds, kernels
 
 
 def main(argv=None) -> int:
@@ -87,34 +121,27 @@ def main(argv=None) -> int:
         print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     results = {"device": args.device, "batch": args.batch, "map": [5, 15, 15], "num_classes": 1000,
                "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                            "processor": platform.processor(), "torch_threads": torch.get_num_threads(),
                            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
                "build": {k: v for k, v in build_info().items() if k in ("dali_version", "cxx", "nvcc")},
-               "cases": {}}
+               "cases": {}, "kernel_us": {}}
     g = torch.Generator().manual_seed(0)
-    dense_repeats = max(2, args.repeats // 5)
     cases = [("random", None), ("concentrated", 12)]
-    progress = tqdm(total=len(cases) * 3, desc="benchmarking", unit="method", disable=None)
-    for name, classes_per_image in cases:
+    for name, classes_per_image in tqdm(cases, desc="benchmarking", unit="case", disable=None):
         scores, class_ids = random_topk_maps(args.batch, 5, 15, 15, 1000, g, classes_per_image)
         boxes = random_boxes(args.batch, g)
         scores, class_ids, boxes = scores.to(device), class_ids.to(device), boxes.to(device)
-        ids16 = class_ids.to(torch.int16)
-        seconds = {}
-        seconds["official_dense"] = timed(lambda: official_dense(scores, class_ids, boxes), dense_repeats, sync)
-        progress.update()
-        seconds["pool_labels"] = timed(lambda: pool_labels(scores, ids16, boxes), args.repeats, sync)
-        progress.update()
-        seconds["dali_op"] = timed(dali_op_runner(scores, class_ids, boxes, args.batch, args.device), args.repeats, sync)
-        progress.update()
+        seconds, kernels = run_case(scores, class_ids, boxes, args.batch, args.repeats, args.device)
         results["cases"][name] = {
             method: {"seconds_per_batch": t, "samples_per_s": args.batch / t,
                      "speedup_vs_official": seconds["official_dense"] / t}
             for method, t in seconds.items()}
-    progress.close()
+        if kernels:
+            results["kernel_us"][name] = {
+                method: {"us_per_batch": us, "speedup_vs_official": None if us is None else
+                         seconds["official_dense"] * 1e6 / us} for method, us in kernels.items()}
 
     atomic_write_bytes(args.json, (json.dumps(results, indent=1) + "\n").encode())
     print(f"LabelPool on {args.device}, batch {args.batch}, 5x15x15 top-5 maps, 1000 classes:")
@@ -122,6 +149,9 @@ def main(argv=None) -> int:
         for method, r in methods.items():
             print(f"  {name:>12} {method:>15}: {r['samples_per_s']:>11,.0f} samples/s "
                   f"({r['seconds_per_batch'] * 1e6:>9,.0f} us/batch, {r['speedup_vs_official']:6.1f}x official)")
+        for kernel, k in results["kernel_us"].get(name, {}).items():
+            us = float("nan") if k["us_per_batch"] is None else k["us_per_batch"]
+            print(f"  {name:>12} {kernel + ' kernel':>15}: {us:>9,.1f} us/batch on the device alone")
     print(f"results written to {args.json}")
     if args.plot:
         plot(results, args.plot)
@@ -139,8 +169,8 @@ def plot(results, path: Path) -> None:
     methods = list(results["cases"][cases[0]])
     for j, method in enumerate(methods):
         values = [results["cases"][c][method]["samples_per_s"] for c in cases]
-        ax.bar(np.arange(len(cases)) + j * 0.25, values, 0.25, label=method)
-    ax.set_xticks(np.arange(len(cases)) + 0.25, cases)
+        ax.bar(np.arange(len(cases)) + j * 0.2, values, 0.2, label=method)
+    ax.set_xticks(np.arange(len(cases)) + 0.3, cases)
     ax.set_yscale("log")
     ax.set_ylabel("samples/s")
     ax.set_title(f"LabelPool, {results['device']}, batch {results['batch']}")

@@ -1,0 +1,74 @@
+"""The official ReLabel input path, for comparison only: a torch DataLoader over PIL-decoded
+images with RandomResizedCrop (its crop box kept), flip, colour jitter, lighting and normalize,
+plus each image's per-image ``.pt`` top-k map; the training loop then scatters the maps into dense
+``[B, 1000, H, W]`` maps and pools them with ``roi_align`` (:func:`reference.official_label_pooling`).
+
+Used by tools/bench_loader.py and tools/gpu_check.py; not imported by the training path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import augment
+from .reference import official_label_pooling
+
+
+class OfficialStyleDataset(torch.utils.data.Dataset):
+    """``(image [3, S, S], 0, coords, label map)`` per image; ``coords`` = (top/H, left/W,
+    bottom/H, right/W) of the crop, as the official code passes them to its pooling."""
+
+    def __init__(self, image_root: Path, pt_root: Path, image_size: int):
+        from torchvision import transforms
+
+        self.paths = sorted(Path(image_root).glob("*/*.JPEG"))
+        if not self.paths:
+            raise FileNotFoundError(f"{image_root}: no <class>/<image>.JPEG files")
+        self.image_root, self.pt_root = Path(image_root), Path(pt_root)
+        self.crop = transforms.RandomResizedCrop(image_size, scale=augment.RANDOM_AREA,
+                                                 ratio=augment.RANDOM_ASPECT_RATIO)
+        self.rest = transforms.Compose([
+            transforms.RandomHorizontalFlip(), transforms.ColorJitter(0.4, 0.4, 0.4), transforms.ToTensor()])
+        self.normalize = transforms.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)
+        self.eig = torch.tensor(augment.PCA_EIGVEC) * torch.tensor(augment.PCA_EIGVAL)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from torchvision.transforms import functional as F
+
+        path = self.paths[i]
+        image = Image.open(path).convert("RGB")
+        top, left, h, w = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+        coords = torch.tensor([top / image.height, left / image.width,
+                               (top + h) / image.height, (left + w) / image.width])
+        image = F.resized_crop(image, top, left, h, w, self.crop.size, antialias=True)
+        image = self.rest(image)
+        image = image + (self.eig @ torch.randn(3).mul_(augment.LIGHTING_STD)).view(3, 1, 1)
+        label_map = torch.load(self.pt_root / path.relative_to(self.image_root).with_suffix(".pt"), weights_only=True)
+        return self.normalize(image), 0, coords, label_map
+
+
+class OfficialStyleLoader:
+    """Batches ``{"images", "targets"}`` like the trainer's loaders: the DataLoader's batches with
+    their maps pooled on ``device`` (the dense scatter + ``roi_align`` of the official training loop)."""
+
+    def __init__(self, image_root: Path, pt_root: Path, *, batch_size: int, image_size: int = 224,
+                 workers: int = 2, device: str = "cpu", num_classes: int = 1000):
+        self.device, self.num_classes = torch.device(device), num_classes
+        self.loader = torch.utils.data.DataLoader(
+            OfficialStyleDataset(image_root, pt_root, image_size), batch_size=batch_size, shuffle=True,
+            drop_last=True, num_workers=workers, persistent_workers=workers > 0,
+            pin_memory=self.device.type == "cuda")
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, _, coords, maps in self.loader:
+            maps = maps.to(self.device, non_blocking=True)
+            targets = official_label_pooling(maps, coords.to(self.device, non_blocking=True), self.num_classes)
+            yield {"images": images.to(self.device, non_blocking=True), "targets": targets}
