@@ -1,11 +1,16 @@
-"""Label shard format v1: the whole on-disk layout, declared here and nowhere else.
+"""Label shard format v2: the whole on-disk layout, declared here and nowhere else.
 
 No I/O lives in this module. A dataset of label maps is a folder holding
 
 * ``labels-NNNNN.rls`` shard files: a fixed 64-byte header followed by fixed-size records;
 * ``labels-NNNNN.keys`` beside each shard: its sample keys, one per line (UTF-8), in record order.
   A shard counts as complete only once its ``.keys`` file exists (it is written after the shard);
-* ``index.json``, written last: the shard list in dataset order plus the map geometry.
+* ``index.json``, written last: the shard list in dataset order plus the map geometry, and per
+  shard the CRC-32 of its ``.keys`` file (``keys_crc32``): the keys decide which image gets which
+  record, so a reordered or edited keys file must be caught like a damaged record.
+
+Version history: v1 had no ``keys_crc32``. The records did not change, but a v1 folder cannot prove
+its keys intact, so v2 readers refuse it and ask for a repack.
 
 Everything is little-endian and declared as explicit numpy dtypes, so a record read from disk is
 a zero-copy view with no parsing. Records are fixed-size so record ``i`` of a shard lives at
@@ -24,7 +29,7 @@ from functools import lru_cache
 import numpy as np
 
 MAGIC = b"RLDLBLS1"
-VERSION = 1
+VERSION = 2
 HEADER_SIZE = 64
 # Records are padded to this many bytes so float32 scores stay aligned in every record.
 RECORD_ALIGN = 16
@@ -63,7 +68,18 @@ assert HEADER_DTYPE.itemsize == HEADER_SIZE
 
 
 class FormatError(ValueError):
-    """A shard, record or index that does not follow format v1."""
+    """A shard, record or index that does not follow this format version."""
+
+
+def version_problem(version, source: str) -> str | None:
+    """None for this version; otherwise what is wrong and what to do."""
+    if version == VERSION:
+        return None
+    if isinstance(version, int) and 0 < version < VERSION:
+        return (f"{source}: format version {version}, this reader reads {VERSION}: written by an older "
+                f"relabel_dali whose index does not checksum the key files; pack it again into a fresh "
+                f"folder (tools/pack_labels.py or tools/relabel.py)")
+    return f"{source}: format version {version}, this reader reads {VERSION}"
 
 
 def score_dtype_code(name: str) -> int:
@@ -169,8 +185,9 @@ def parse_header(raw: bytes, source: str) -> tuple[Geometry, int]:
         raise FormatError(
             f"{source}: header checksum {int(header['header_crc32']):#010x}, computed {expected_crc:#010x}"
         )
-    if int(header["version"]) != VERSION:
-        raise FormatError(f"{source}: format version {int(header['version'])}, this reader reads {VERSION}")
+    problem = version_problem(int(header["version"]), source)
+    if problem:
+        raise FormatError(problem)
     if int(header["class_id_dtype"]) != CLASS_ID_CODE:
         raise FormatError(f"{source}: class id dtype code {int(header['class_id_dtype'])}, expected {CLASS_ID_CODE}")
     if int(header["score_dtype"]) not in SCORE_DTYPES:
@@ -183,6 +200,29 @@ def parse_header(raw: bytes, source: str) -> tuple[Geometry, int]:
         raise FormatError(f"{source}: record_size {int(header['record_size'])}, expected "
                           f"{geometry.record_dtype.itemsize} for this geometry")
     return geometry, int(header["record_count"])
+
+
+def score_fit_problem(scores: np.ndarray, score_code: int) -> str | None:
+    """None when every (finite) score survives storage as ``score_code``; otherwise which score does
+    not. float16 turns anything beyond +-65504 into inf, and inf scores give NaN targets."""
+    with np.errstate(over="ignore"):
+        return _score_fit_problem(scores, score_code)
+
+
+def _score_fit_problem(scores: np.ndarray, score_code: int) -> str | None:
+    if score_code == 2:
+        limit = float(np.finfo(np.float16).max)
+        magnitude = np.abs(scores)
+        worst = np.unravel_index(int(np.argmax(magnitude)), scores.shape)
+        if np.isinf(np.float16(scores[worst])):
+            return (f"score {float(scores[worst]):.6g} at [k, y, x] = {[int(i) for i in worst]} does not fit "
+                    f"float16 (largest finite value {limit:.0f}); store float32 or uint8 scores")
+    elif score_code == 3 and scores.size:
+        span = np.float32(scores.max()) - np.float32(scores.min())
+        if not np.isfinite(span):
+            return (f"scores span [{float(scores.min()):.6g}, {float(scores.max()):.6g}], too wide for uint8 "
+                    f"quantization; store float32 scores")
+    return None
 
 
 def encode_scores(scores: np.ndarray, score_code: int) -> tuple[np.ndarray, float, float]:

@@ -6,6 +6,7 @@ import json
 import mmap
 import os
 from pathlib import Path
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -15,6 +16,10 @@ from . import format as fmt
 
 class ShardCorruptError(fmt.FormatError):
     """A record or shard whose bytes do not match their checksum."""
+
+
+class KeysCorruptError(fmt.FormatError):
+    """A keys file whose bytes do not match the checksum in the index."""
 
 
 class LabelRecord(NamedTuple):
@@ -34,14 +39,32 @@ def read_index(root: Path) -> dict:
         raise FileNotFoundError(f"{path}: no label index here (run tools/pack_labels.py first)") from None
     except json.JSONDecodeError as error:
         raise fmt.FormatError(f"{path}: not valid JSON ({error})") from None
-    if index.get("format") != fmt.INDEX_FORMAT or index.get("version") != fmt.VERSION:
-        raise fmt.FormatError(f"{path}: format {index.get('format')!r} version {index.get('version')!r}, "
-                              f"expected {fmt.INDEX_FORMAT!r} version {fmt.VERSION}")
+    if index.get("format") != fmt.INDEX_FORMAT:
+        raise fmt.FormatError(f"{path}: format {index.get('format')!r}, expected {fmt.INDEX_FORMAT!r}")
+    problem = fmt.version_problem(index.get("version"), str(path))
+    if problem:
+        raise fmt.FormatError(problem)
+    for number, shard in enumerate(index.get("shards", [])):
+        missing = [field for field in ("file", "keys", "records", "keys_crc32") if field not in shard]
+        if missing:
+            raise fmt.FormatError(f"{path}: shard entry {number} lacks {', '.join(missing)}")
     return index
 
 
-def read_keys(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8")
+def read_keys(path: Path, expected_crc32: int | None = None, records: int | None = None) -> list[str]:
+    """The keys of one shard; with ``expected_crc32`` (from the index) a keys file changed after
+    packing is refused, since its lines decide which image gets which record."""
+    data = path.read_bytes()
+    if expected_crc32 is not None:
+        computed = fmt.checksum(data)
+        if computed != expected_crc32:
+            held = data.count(b"\n")
+            counts = f"; it holds {held} keys for {records} records" if records is not None and held != records else ""
+            raise KeysCorruptError(f"{path}: keys file checksum {computed:#010x}, the index says "
+                                   f"{expected_crc32:#010x}{counts}: it was changed after packing (reordered, "
+                                   f"edited or damaged lines would give images another image's labels); "
+                                   f"pack the labels again")
+    text = data.decode("utf-8")
     return text.split("\n")[:-1] if text else []
 
 
@@ -68,11 +91,13 @@ class LabelShardReader:
             self.shard_paths = [self.path / shard["file"] for shard in index["shards"]]
             counts = [int(shard["records"]) for shard in index["shards"]]
             self._keys_paths = [self.path / shard["keys"] for shard in index["shards"]]
+            self._keys_crcs = [int(shard["keys_crc32"]) for shard in index["shards"]]
         else:
             self.shard_paths = [self.path]
             counts = [None]
             keys_path = self.path.with_suffix(fmt.KEYS_SUFFIX)
             self._keys_paths = [keys_path] if keys_path.exists() else None
+            self._keys_crcs = [None]  # a lone shard has no index to hold its keys checksum
         self._keys = None
         self.geometry = None
         self.counts = []
@@ -97,12 +122,13 @@ class LabelShardReader:
 
     @property
     def keys(self) -> list[str] | None:
-        """Sample keys in record order (None for a lone shard without a keys file). Read on first
-        use: workers that address records by number never read them."""
+        """Sample keys in record order (None for a lone shard without a keys file), each file checked
+        against its checksum in the index. Read on first use: workers that address records by
+        number never read them."""
         if self._keys is None and self._keys_paths is not None:
             keys = []
-            for keys_path in self._keys_paths:
-                keys.extend(read_keys(keys_path))
+            for keys_path, crc, count in zip(self._keys_paths, self._keys_crcs, self.counts):
+                keys.extend(read_keys(keys_path, crc, count))
             if len(keys) != len(self):
                 raise fmt.FormatError(f"{self.path}: the shards hold {len(self)} records but the key "
                                       f"files hold {len(keys)} keys")
@@ -200,21 +226,32 @@ class LabelShardReader:
         scores, class_ids, scale, offset = self.record(key_or_index)
         return fmt.decode_scores(scores, scale, offset), class_ids.astype(np.int64)
 
-    def verify(self) -> int:
-        """Checks every header and record checksum; returns the number of records checked."""
+    def corrupt_records(self, on_shard=None) -> Iterator[ShardCorruptError]:
+        """Checks every record checksum and yields an error for each record that fails, naming
+        shard, row and (when the keys were read) the sample key. ``on_shard(n)`` is called after each
+        shard with its record count (for progress)."""
         if self._records is None:
             self._open_maps()
-        checked = 0
-        for shard_path, records in zip(self.shard_paths, self._records):
-            raw = records.view(np.uint8).reshape(len(records), -1) if len(records) else records
+        for number, (shard_path, records) in enumerate(zip(self.shard_paths, self._records)):
+            raw = self._raw[number]
+            crcs = records["crc32"].tolist()
             for row in range(len(records)):
-                stored = int(records[row]["crc32"])
                 computed = fmt.record_checksum(memoryview(raw[row]))
-                if stored != computed:
-                    raise ShardCorruptError(f"{shard_path}: record {row} checksum {stored:#010x}, "
+                if crcs[row] != computed:
+                    key = self._keys[self.starts[number] + row] if self._keys is not None else None
+                    named = f" (key {key!r})" if key is not None else ""
+                    yield ShardCorruptError(f"{shard_path}: record {row}{named} checksum {crcs[row]:#010x}, "
                                             f"computed {computed:#010x}")
-                checked += 1
-        return checked
+            if on_shard is not None:
+                on_shard(len(records))
+
+    def verify(self) -> int:
+        """Checks the key files and every record checksum; raises on the first failure and
+        returns the number of records checked."""
+        self.keys
+        for error in self.corrupt_records():
+            raise error
+        return len(self)
 
     def close(self) -> None:
         self._records = self._fields = self._raw = None

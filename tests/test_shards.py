@@ -1,12 +1,15 @@
-"""Shard format v1: round trips, byte sizes, checksums, quantization, and multi-process reading."""
+"""Shard format v2: round trips, byte sizes, checksums, quantization, and multi-process reading."""
+import json
 import multiprocessing as mp
 import pickle
+import zlib
 
 import numpy as np
 import pytest
 
 from relabel_dali import LabelShardReader, LabelShardWriter, ShardCorruptError
 from relabel_dali import format as fmt
+from relabel_dali.writer import SourcesChangedError
 
 
 def random_map(rng, k=5, height=15, width=15, num_classes=1000):
@@ -135,6 +138,46 @@ class TestQuantization:
 
 
 class TestIntegrity:
+    def test_every_corrupt_record_listed(self, tmp_path, maps):
+        write_dataset(tmp_path, maps, per_shard=4)
+        record_size = LabelShardReader(tmp_path).geometry.record_dtype.itemsize
+        for shard, row in (("labels-00000.rls", 1), ("labels-00000.rls", 3), ("labels-00002.rls", 0)):
+            data = bytearray((tmp_path / shard).read_bytes())
+            data[64 + row * record_size + 40] ^= 0x01
+            (tmp_path / shard).write_bytes(bytes(data))
+        reader = LabelShardReader(tmp_path)
+        seen = []
+        errors = [str(e) for e in reader.corrupt_records(on_shard=seen.append)]
+        assert seen == [4, 4, 2]
+        # Keys not read yet (workers never read them): shard and row only.
+        expected = [("labels-00000.rls", 1, maps[1][0]), ("labels-00000.rls", 3, maps[3][0]),
+                    ("labels-00002.rls", 0, maps[8][0])]
+        assert len(errors) == 3
+        for error, (shard, row, _) in zip(errors, expected):
+            assert f"{shard}: record {row} checksum" in error
+        reader.keys
+        errors = [str(e) for e in reader.corrupt_records()]
+        for error, (shard, row, key) in zip(errors, expected):
+            assert f"{shard}: record {row} (key {key!r}) checksum" in error
+
+    def test_index_holds_each_keys_file_checksum(self, tmp_path, maps):
+        write_dataset(tmp_path, maps, per_shard=4)
+        index = json.loads((tmp_path / "index.json").read_text())
+        for shard in index["shards"]:
+            assert shard["keys_crc32"] == zlib.crc32((tmp_path / shard["keys"]).read_bytes())
+
+    def test_swapped_keys_refused(self, tmp_path, maps):
+        write_dataset(tmp_path, maps, per_shard=100)
+        keys_path = tmp_path / "labels-00000.keys"
+        lines = keys_path.read_text().splitlines()
+        lines[2], lines[5] = lines[5], lines[2]
+        keys_path.write_text("".join(line + "\n" for line in lines))
+        reader = LabelShardReader(tmp_path)
+        with pytest.raises(fmt.FormatError, match="labels-00000.keys: keys file checksum .* changed after packing"):
+            reader.index_of(maps[0][0])
+        with pytest.raises(fmt.FormatError, match="changed after packing"):
+            reader.verify()
+
     def test_corrupt_record_detected(self, tmp_path, maps):
         write_dataset(tmp_path, maps, per_shard=100)
         path = tmp_path / "labels-00000.rls"
@@ -142,7 +185,7 @@ class TestIntegrity:
         record_size = LabelShardReader(tmp_path).geometry.record_dtype.itemsize
         data[64 + 3 * record_size + 100] ^= 0xFF
         path.write_bytes(bytes(data))
-        with pytest.raises(ShardCorruptError, match=r"labels-00000.rls: record 3 checksum"):
+        with pytest.raises(ShardCorruptError, match=r"labels-00000.rls: record 3 \(key 'n00000000/img_003'\) checksum"):
             LabelShardReader(tmp_path).verify()
 
     def test_corrupt_header_detected(self, tmp_path, maps):
@@ -174,22 +217,88 @@ class TestIntegrity:
         keys_path.write_text("".join(line + "\n" for line in keys_path.read_text().splitlines()[:-1]))
         reader = LabelShardReader(tmp_path)
         np.testing.assert_array_equal(reader[9][1], maps[9][2])  # by number: keys are not needed
-        with pytest.raises(fmt.FormatError, match="hold 10 records but the key files hold 9 keys"):
+        with pytest.raises(fmt.FormatError, match="labels-00000.keys: keys file checksum .* 9 keys for 10 records"):
             reader.keys
 
     def test_missing_index(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="no label index"):
             LabelShardReader(tmp_path)
 
-    def test_newer_version_refused(self, tmp_path, maps):
+    @pytest.mark.parametrize("version, message", [(fmt.VERSION + 1, "this reader reads"),
+                                                  (1, "written by an older relabel_dali .* pack it again")])
+    def test_other_shard_version_refused(self, tmp_path, maps, version, message):
         write_dataset(tmp_path, maps, per_shard=100)
         path = tmp_path / "labels-00000.rls"
         header = np.frombuffer(path.read_bytes()[:64], fmt.HEADER_DTYPE).copy()
-        header["version"] = 2
+        header["version"] = version
         header["header_crc32"] = fmt.checksum(header.tobytes()[:60])
         path.write_bytes(header.tobytes() + path.read_bytes()[64:])
-        with pytest.raises(fmt.FormatError, match="format version 2, this reader reads 1"):
+        with pytest.raises(fmt.FormatError, match=f"format version {version}, this reader reads {fmt.VERSION}"):
             LabelShardReader(tmp_path)
+        with pytest.raises(fmt.FormatError, match=message):
+            LabelShardReader(tmp_path)
+
+    def test_version_1_index_refused_with_advice(self, tmp_path, maps):
+        write_dataset(tmp_path, maps, per_shard=100)
+        index = json.loads((tmp_path / "index.json").read_text())
+        index["version"] = 1
+        for shard in index["shards"]:
+            del shard["keys_crc32"]
+        (tmp_path / "index.json").write_text(json.dumps(index))
+        with pytest.raises(fmt.FormatError, match="index.json: format version 1, this reader reads 2: written by "
+                                                  "an older relabel_dali whose index does not checksum"):
+            LabelShardReader(tmp_path)
+
+    def test_index_entry_without_keys_checksum(self, tmp_path, maps):
+        write_dataset(tmp_path, maps, per_shard=100)
+        index = json.loads((tmp_path / "index.json").read_text())
+        del index["shards"][0]["keys_crc32"]
+        (tmp_path / "index.json").write_text(json.dumps(index))
+        with pytest.raises(fmt.FormatError, match="shard entry 0 lacks keys_crc32"):
+            LabelShardReader(tmp_path)
+
+
+class TestSourcesRecord:
+    def write(self, tmp_path, sources):
+        writer = LabelShardWriter(tmp_path / "out", k=1, height=1, width=1, num_classes=4, source_root=tmp_path)
+        with writer.shard("s", sources=sources) as shard:
+            for key in sorted(sources):
+                shard.add(key, np.ones((1, 1, 1)), np.zeros((1, 1, 1), int))
+        return writer
+
+    @pytest.fixture
+    def sources(self, tmp_path):
+        for name in ("a", "b"):
+            (tmp_path / f"{name}.pt").write_bytes(b"123")
+        return {"a": tmp_path / "a.pt", "b": tmp_path / "b.pt"}
+
+    def test_recorded_and_accepted_unchanged(self, tmp_path, sources):
+        writer = self.write(tmp_path, sources)
+        recorded = json.loads(writer.sources_path("s").read_text())["sources"]
+        stat_a = (tmp_path / "a.pt").stat()
+        assert recorded[0] == ["a", "a.pt", 3, stat_a.st_mtime_ns] and [row[0] for row in recorded] == ["a", "b"]
+        assert writer.shard_done("s", sources=sources)
+
+    def test_changed_file_named(self, tmp_path, sources):
+        writer = self.write(tmp_path, sources)
+        (tmp_path / "b.pt").write_bytes(b"1234")
+        with pytest.raises(SourcesChangedError, match=r"1 source file\(s\) changed \(first: key 'b', b.pt, 3 -> 4 bytes"):
+            writer.shard_done("s", sources=sources)
+
+    def test_other_keys_named(self, tmp_path, sources):
+        writer = self.write(tmp_path, sources)
+        (tmp_path / "c.pt").write_bytes(b"123")
+        other = {"a": sources["a"], "c": tmp_path / "c.pt"}
+        with pytest.raises(SourcesChangedError, match=r"1 key\(s\) not in the earlier run \(first: 'c'\); "
+                                                      r"1 key\(s\) of the earlier run not in this one \(first: 'b'\)"):
+            writer.shard_done("s", sources=other)
+
+    def test_shard_without_record_refused(self, tmp_path, sources):
+        writer = self.write(tmp_path, sources)
+        writer.sources_path("s").unlink()
+        assert writer.shard_done("s")  # no sources asked for: geometry and keys only
+        with pytest.raises(SourcesChangedError, match="without a record of its source files"):
+            writer.shard_done("s", sources=sources)
 
 
 class TestWriterValidation:
@@ -214,6 +323,14 @@ class TestWriterValidation:
         scores[0, 1, 2] = np.nan
         with pytest.raises(ValueError, match=r"\[0, 1, 2\] is nan"):
             shard.add("a", scores, np.zeros((2, 3, 3), int))
+
+    def test_float16_overflow_refused(self, shard):
+        scores = np.zeros((2, 3, 3))
+        scores[1, 0, 2] = 1e6
+        with pytest.raises(ValueError, match=r"score 1e\+06 at \[k, y, x\] = \[1, 0, 2\] does not fit float16"):
+            shard.add("a", scores, np.zeros((2, 3, 3), int))
+        scores[1, 0, 2] = 65504  # the largest finite float16 is stored as is
+        shard.add("a", scores, np.zeros((2, 3, 3), int))
 
     def test_bad_key(self, shard):
         with pytest.raises(ValueError, match="single-line"):

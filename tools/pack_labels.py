@@ -7,9 +7,13 @@
 
 SRC holds ``<wnid>/<image>.pt`` files (or ``.npy``/``.npz``) of shape ``[2, k, H, W]``. Keys are the
 paths relative to SRC without extension; records are stored in sorted key order, shard ``j`` holding
-the ``j``-th run of ``--records-per-shard`` source files. A killed run is resumed by running the same
-command again: complete shards are kept, the rest are written, and the output is byte-identical to an
-uninterrupted run.
+the ``j``-th run of ``--records-per-shard`` source files. The map size is the most common one among
+up to 101 files sampled evenly across SRC; files of another size are bad files.
+
+A killed run is resumed by running the same command again: complete shards are kept, the rest are
+written, and the output is byte-identical to an uninterrupted run. A complete shard is kept only
+when it was made from the same source files (keys, paths, sizes, modification times, recorded in
+``labels-NNNNN.sources.json``); otherwise the run stops and says what differs (docs/FAILURES.md).
 
 Exit codes: 0 everything packed; 1 a bad file stopped the run (``--on-error fail``) or bad arguments;
 3 the run finished but skipped bad files (``--on-error skip``; they are listed in the summary and in
@@ -21,18 +25,19 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from multiprocessing import get_context
 from pathlib import Path
-
-from tqdm import tqdm
 
 from relabel_dali import format as fmt
 from relabel_dali.labelmaps import (LABEL_SUFFIXES, LAYOUTS, LabelMapError, is_image, label_key, load_label_file,
                                    to_canonical)
-from relabel_dali.writer import LabelShardWriter, atomic_write_bytes
+from relabel_dali.progress import progress
+from relabel_dali.writer import LabelShardWriter, SourcesChangedError, atomic_write_bytes
 
 EXIT_OK, EXIT_FAILED, EXIT_SKIPPED = 0, 1, 3
 SETTINGS_NAME = "pack_settings.json"
+SIZE_SAMPLE = 101  # files read to decide the map size (odd: no ties between two sizes)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,8 +86,9 @@ def find_images(root: Path) -> set[str]:
 class Converter:
     """Picklable per-file work for the worker pool: load, validate, convert to canonical."""
 
-    def __init__(self, topk: int, num_classes: int, layout: str):
+    def __init__(self, topk: int, num_classes: int, layout: str, score_dtype: str):
         self.topk, self.num_classes, self.layout = topk, num_classes, layout
+        self.score_code = fmt.score_dtype_code(score_dtype)
 
     def __call__(self, item: tuple[str, Path]):
         key, path = item
@@ -90,25 +96,48 @@ class Converter:
             array = load_label_file(path)
             scores, class_ids = to_canonical(array, topk=self.topk, num_classes=self.num_classes,
                                              layout=self.layout, source=str(path))
+            problem = fmt.score_fit_problem(scores, self.score_code)
+            if problem:
+                return key, path, None, None, f"{path}: {problem} (--dtype float32 or uint8)"
             return key, path, scores, class_ids, None
         except LabelMapError as error:
             return key, path, None, None, str(error)
 
 
-def dataset_map_size(convert: Converter, keys: list[str], sources: dict[str, Path], on_error: str):
-    """The map size of the first readable file sets the dataset's; other sizes are bad files."""
-    for key in keys:
-        _, _, scores, _, error = convert((key, sources[key]))
-        if error is None:
-            return scores.shape[1:]
-        if on_error == "fail":
-            raise LabelMapError(error)
-    raise LabelMapError(f"none of the {len(keys)} label files could be read")
+def dataset_map_size(convert: Converter, keys: list[str], sources: dict[str, Path], on_error: str,
+                     sample: int = SIZE_SAMPLE) -> tuple[tuple[int, int], str]:
+    """(map size, how it was decided): the most common size among up to ``sample`` readable files
+    spread evenly over the sorted keys, so one odd file (even the first) cannot set the size of a
+    whole dataset. Files of other sizes become bad files."""
+    count = min(sample, len(keys))
+    picks = sorted({round(i * (len(keys) - 1) / max(count - 1, 1)) for i in range(count)})
+    sizes: dict[tuple[int, int], list[str]] = {}
+    for position in picks:
+        key = keys[position]
+        _, path, scores, _, error = convert((key, sources[key]))
+        if error is not None:
+            if on_error == "fail":
+                raise LabelMapError(error)
+            continue
+        sizes.setdefault(tuple(scores.shape[1:]), []).append(str(path))
+    if not sizes:
+        raise LabelMapError(f"none of the {len(picks)} label files sampled could be read")
+    ranked = Counter({size: len(paths) for size, paths in sizes.items()}).most_common()
+    if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+        raise LabelMapError("no map size is the most common among the sampled files: "
+                            + ", ".join(f"{h}x{w} ({n}, e.g. {sizes[(h, w)][0]})" for (h, w), n in ranked))
+    size, votes = ranked[0]
+    decided = f"the size of {votes} of {sum(len(p) for p in sizes.values())} sampled files"
+    odd = [f"{h}x{w}: {n} (e.g. {sizes[(h, w)][0]})" for (h, w), n in ranked[1:]]
+    return size, decided + (f"; other sizes sampled: {'; '.join(odd)}" if odd else "")
 
 
 def check_settings(out: Path, settings: dict) -> None:
     """A resumed run must use the settings of the run it continues, or the shards would mix."""
     path = out / SETTINGS_NAME
+    if not path.exists() and any(out.glob(f"*{fmt.KEYS_SUFFIX}")):
+        raise SystemExit(f"error: {out} already holds label shards not written by pack_labels.py (no "
+                         f"{SETTINGS_NAME}; e.g. written by tools/relabel.py); pack into a fresh output folder")
     if path.exists():
         previous = json.loads(path.read_text())
         if previous != settings:
@@ -134,28 +163,46 @@ def pack(args: argparse.Namespace) -> int:
                 "records_per_shard": args.records_per_shard, "sources": len(keys)}
     check_settings(args.out, settings)
 
-    convert = Converter(args.topk, args.num_classes, args.layout)
-    height, width = dataset_map_size(convert, keys, sources, args.on_error)
+    convert = Converter(args.topk, args.num_classes, args.layout, args.dtype)
+    (height, width), size_decided = dataset_map_size(convert, keys, sources, args.on_error)
+    print(f"map size {height}x{width}: {size_decided}", flush=True)
     writer = LabelShardWriter(args.out, k=args.topk, height=height, width=width,
-                              num_classes=args.num_classes, score_dtype=args.dtype)
+                              num_classes=args.num_classes, score_dtype=args.dtype, source_root=args.src)
     chunks = [keys[i:i + args.records_per_shard] for i in range(0, len(keys), args.records_per_shard)]
     names = [f"labels-{j:05d}" for j in range(len(chunks))]
-    todo = [(name, chunk) for name, chunk in zip(names, chunks) if not writer.shard_done(name)]
+    todo, mismatched = [], []
+    for name, chunk in zip(names, chunks):
+        try:
+            if not writer.shard_done(name, sources={key: sources[key] for key in chunk}):
+                todo.append((name, chunk))
+        except SourcesChangedError as error:
+            mismatched.append(str(error))
+    if mismatched:
+        print(f"error: {args.out} holds {len(mismatched)} complete shard(s) that this run would not write: "
+              f"another dataset, or source files changed since they were packed:", file=sys.stderr)
+        for line in mismatched[:10]:
+            print(f"  {line}", file=sys.stderr)
+        if len(mismatched) > 10:
+            print(f"  ... and {len(mismatched) - 10} more", file=sys.stderr)
+        print("pack into a fresh output folder, or delete the named shards' files (labels-NNNNN.*) to repack "
+              "them", file=sys.stderr)
+        return EXIT_FAILED
     resumed = len(chunks) - len(todo)
 
     pool = get_context("spawn").Pool(args.workers) if args.workers > 1 else None
     skipped_now, written, max_error = [], 0, 0.0
-    progress = tqdm(total=sum(len(c) for _, c in todo), unit="map", desc="packing", disable=None)
+    bar = progress(sum(len(c) for _, c in todo), desc="pack_labels", unit="map")
     try:
         for name, chunk in todo:
             items = [(key, sources[key]) for key in chunk]
             results = pool.imap(convert, items, chunksize=32) if pool else map(convert, items)
             shard_skipped = []
-            with writer.shard(name) as shard:
+            with writer.shard(name, sources=dict(items)) as shard:
                 for key, path, scores, class_ids, error in results:
-                    progress.update()
+                    bar.update()
                     if error is None and (scores.shape[1:] != (height, width)):
-                        error = f"{path}: map is {scores.shape[1]}x{scores.shape[2]}, the dataset's is {height}x{width}"
+                        error = (f"{path}: map is {scores.shape[1]}x{scores.shape[2]}, the dataset's is "
+                                 f"{height}x{width} ({size_decided.split(';')[0]})")
                     if error is not None:
                         if args.on_error == "fail":
                             raise LabelMapError(error)
@@ -168,7 +215,7 @@ def pack(args: argparse.Namespace) -> int:
                                    (json.dumps(shard_skipped, indent=1) + "\n").encode())
             skipped_now.extend(shard_skipped)
     except LabelMapError as error:
-        progress.close()
+        bar.close()
         print(f"error: {error}", file=sys.stderr)
         print("nothing of the failed shard was kept; fix or remove the file (or use --on-error skip) "
               "and rerun the same command to resume", file=sys.stderr)
@@ -176,7 +223,7 @@ def pack(args: argparse.Namespace) -> int:
     finally:
         if pool:
             pool.terminate()
-    progress.close()
+    bar.close()
 
     index = writer.finalize(names)
     skipped = list(duplicates)
