@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from relabel_dali import imagenet
 from relabel_dali.writer import LabelShardWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,3 +69,21 @@ class TestShowLabels:
         with pytest.raises(SystemExit):
             show_labels.parse_args([str(tmp_path), str(tmp_path), "--out", str(tmp_path), *argv])
         assert message in capsys.readouterr().err
+
+
+class TestClassNames:
+    def test_folder_ids_are_named_by_sorted_folder(self, tmp_path):
+        for folder in ("n01484850", "n01440764", "my_class"):
+            (tmp_path / folder).mkdir()
+        name = show_labels.class_namer("folder", tmp_path, 3)
+        # Sorted: my_class, n01440764 (ImageNet index 0, tench), n01484850 (index 2, great white shark).
+        assert name(0) == "my_class"
+        assert name(1) == imagenet.short_name_of(0) and name(2) == imagenet.short_name_of(2)
+
+    def test_imagenet_ids_are_imagenet_names(self, tmp_path):
+        assert show_labels.class_namer("imagenet", tmp_path, 1000)(2) == imagenet.short_name_of(2)
+
+    def test_folder_count_must_match_the_shards(self, dataset, capsys):
+        assert show_labels.main([str(dataset / "labels"), str(dataset / "images"), "--out", str(dataset / "f"),
+                                 "--keys", KEYS[0], "--classes", "folder"]) == show_labels.EXIT_FAILED
+        assert "has 3 folders but the shards have num_classes 1000" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -129,9 +130,11 @@ def train(argv: list[str], log_path: Path) -> int:
     """Runs train.py, keeping its output in log_path and echoing its per-epoch lines."""
     command = [sys.executable, str(REPO / "train.py"), *argv, "--resume", "auto"]
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log follows the run as it goes
     with open(log_path, "a") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                      text=True) as process:
+                                                      text=True, env=environment) as process:
         log.write("$ " + " ".join(command) + "\n")
+        log.flush()
         for line in process.stdout:
             log.write(line)
             log.flush()

@@ -2,13 +2,15 @@
 """Draw what LabelPooling gives random crops of an image, and where the top classes live.
 
     python tools/show_labels.py LABELS IMAGE_ROOT --out DIR [--keys KEY ...] [--random N]
-        [--crops 4] [--seed 0] [--exif]
+        [--crops 4] [--seed 0] [--exif] [--classes imagenet|folder]
 
 For each sample one PNG (``DIR/<key with / as __>.png``): the image with N random crop boxes
 drawn; under it each crop with its pooled top-5 classes and probabilities (the paper's Figure
 A3); beside it the label maps of the image's two top classes over the image (Figure A2; per-cell
 softmax over the stored top-k, zero where the class is not among them). The maps are canonical
 [k, y, x] over the whole image; images are shown unrotated unless --exif, as the annotator saw them.
+Class ids are named in the space the shards were written in (relabel.py's --classes): ImageNet-1k
+indices, or the image root's sorted folders.
 
 Exit codes: 0 written; 1 bad input (unknown key, missing image, bad arguments).
 """
@@ -44,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--crops", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exif", action="store_true", help="rotate images by EXIF (match the annotation run)")
+    parser.add_argument("--classes", choices=("imagenet", "folder"), default="imagenet",
+                        help="class id space of the shards: ImageNet-1k indices or sorted image folders")
     args = parser.parse_args(argv)
     if not 1 <= args.crops <= len(COLORS):
         parser.error(f"--crops must be in [1, {len(COLORS)}], got {args.crops}")
@@ -52,11 +56,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def class_name(class_id: int) -> str:
+def imagenet_name(class_id: int) -> str:
     try:
         return imagenet.short_name_of(class_id)
     except (IndexError, ModuleNotFoundError):
         return f"class {class_id}"
+
+
+def folder_names(image_root: Path) -> list[str]:
+    """Class id i -> the i-th sorted folder, named as its ImageNet class where it is a WordNet id."""
+    names = []
+    for folder in sorted(p.name for p in image_root.iterdir() if p.is_dir()):
+        try:
+            names.append(imagenet.short_name_of(imagenet.index_of(folder)))
+        except (KeyError, ValueError, ModuleNotFoundError):
+            names.append(folder)
+    return names
+
+
+def class_namer(classes: str, image_root: Path, num_classes: int):
+    if classes == "imagenet":
+        return imagenet_name
+    names = folder_names(image_root)
+    if len(names) != num_classes:
+        raise ValueError(f"--classes folder: {image_root} has {len(names)} folders but the shards have "
+                         f"num_classes {num_classes}")
+    return names.__getitem__
 
 
 def class_heatmap(scores: np.ndarray, ids: np.ndarray, class_id: int) -> np.ndarray:
@@ -66,7 +91,7 @@ def class_heatmap(scores: np.ndarray, ids: np.ndarray, class_id: int) -> np.ndar
 
 
 def render(key: str, image: Image.Image, scores: np.ndarray, ids: np.ndarray, crops: np.ndarray,
-           num_classes: int, path: Path) -> None:
+           num_classes: int, path: Path, class_name=imagenet_name) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,6 +152,7 @@ def main(argv=None) -> int:
         keys = list(args.keys)
         if args.random:
             keys += [reader.keys[i] for i in rng.choice(len(reader), min(args.random, len(reader)), replace=False)]
+        class_name = class_namer(args.classes, args.image_root, reader.num_classes)
         written = []
         for key in keys:
             scores, ids = reader[key]
@@ -134,7 +160,7 @@ def main(argv=None) -> int:
             image = (ImageOps.exif_transpose(image) if args.exif else image).convert("RGB")
             crops = random_crops(rng, args.crops, *image.size)
             path = args.out / f"{key.replace('/', '__')}.png"
-            render(key, image, scores, ids, crops, reader.num_classes, path)
+            render(key, image, scores, ids, crops, reader.num_classes, path, class_name)
             written.append(path)
     except (KeyError, FileNotFoundError, ValueError) as error:
         print(f"error: {str(error).strip(chr(34))}", file=sys.stderr)
