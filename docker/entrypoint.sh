@@ -8,6 +8,7 @@
 #   MASTER_ADDR     rendezvous host (required when NNODES > 1)
 #   MASTER_PORT     rendezvous port (default 29500)
 #   RDZV_ID         job id shared by all nodes (default SLURM_JOB_ID or "relabel")
+#   RELABEL_DALI_HOME  the project folder train.py is run in (default /workspace/relabel_dali)
 # Arguments are passed to train.py unchanged.
 set -euo pipefail
 
@@ -23,7 +24,7 @@ NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
 MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-relabel}}
 
-cd /workspace/relabel_dali
+cd "${RELABEL_DALI_HOME:-/workspace/relabel_dali}"
 if [[ "$NNODES" -gt 1 ]]; then
   : "${MASTER_ADDR:?MASTER_ADDR must name the rendezvous host when NNODES > 1}"
   exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" --node_rank="$NODE_RANK" \

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Smoke test of a built image on the CPU, as an arbitrary user and without writing into the image:
+#
+#   docker/smoke.sh [--image TAG] [--tool docker|podman|buildah] [--user UID:GID]
+#                   [--shm-size SIZE] [--workdir DIR] [--keep]
+#
+#   1. pytest: a fast subset of the test suite inside the container (operator, pooling, shards,
+#      packing, configuration);
+#   2. demo data: tools/make_demo_data.py and tools/pack_labels.py write the demo-sized data set
+#      and its label shards into a mounted folder;
+#   3. train: the image's entrypoint (torchrun) trains configs/demo.yaml for 1 epoch on it, with
+#      SIZE of shared memory, and must leave its last checkpoint in the mounted output folder;
+#   4. pack_labels --help answers.
+#
+# Defaults: --image relabel_dali:cpu, --user 4242:4242 (no such user in the image), --shm-size 1g,
+# --workdir a new folder under ${TMPDIR:-/var/tmp}, removed afterwards unless --keep.
+# docker and podman run the container with a read-only root file system and a tmpfs /tmp.
+# Exit codes: 0 every step passed, 1 a step failed (or no tool), 2 bad command line.
+set -euo pipefail
+
+image=relabel_dali:cpu
+user=4242:4242
+shm=1g
+workdir=""
+keep=0
+
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+die_usage() { echo "smoke.sh: $1 (see --help)" >&2; exit 2; }
+need_value() { [[ $# -ge 2 && -n "$2" ]] || die_usage "$1 needs a value"; }
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --image) need_value "$@"; image=$2; shift 2 ;;
+    --tool) need_value "$@"; export CONTAINER_TOOL=$2; shift 2 ;;
+    --user) need_value "$@"; user=$2; shift 2 ;;
+    --shm-size) need_value "$@"; shm=$2; shift 2 ;;
+    --workdir) need_value "$@"; workdir=$2; shift 2 ;;
+    --keep) keep=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) die_usage "unknown argument '$1'" ;;
+  esac
+done
+[[ "$user" =~ ^[0-9]+:[0-9]+$ ]] || die_usage "--user must be numeric UID:GID, not '$user'"
+[[ "$shm" =~ ^[0-9]+[kmgKMG]?$ ]] || die_usage "--shm-size must look like 512m or 1g, not '$shm'"
+
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=docker/tool.sh
+source "$here/tool.sh"
+tool=$(pick_container_tool) || exit 1
+
+if [[ -z "$workdir" ]]; then
+  workdir=$(mktemp -d "${TMPDIR:-/var/tmp}/relabel_dali-smoke.XXXXXX")
+else
+  mkdir -p "$workdir"
+fi
+# The container's user is not the caller: it must be able to write the mounted folder.
+chmod 0777 "$workdir"
+
+container=""
+cleanup() {
+  [[ -n "$container" ]] && buildah rm "$container" >/dev/null 2>&1
+  if [[ $keep -eq 0 ]]; then rm -rf "$workdir"; else echo "smoke.sh: kept $workdir"; fi
+}
+trap cleanup EXIT
+
+if [[ "$tool" == buildah ]]; then
+  container=$(buildah from --pull-never "$image")
+fi
+
+# run_in ENTRYPOINT? ARGS...: one command in a fresh container (buildah: in the working container).
+run_in() {
+  case "$tool" in
+    buildah)
+      buildah run --isolation "${BUILDAH_ISOLATION:-chroot}" --network host --user "$user" \
+        --mount "type=tmpfs,destination=/dev/shm,tmpfs-size=$shm" -v "$workdir:/smoke" \
+        "$container" -- "$@" ;;
+    *)
+      "$tool" run --rm --network none --user "$user" --read-only --tmpfs /tmp:rw,exec \
+        --shm-size "$shm" -v "$workdir:/smoke" --entrypoint "$1" "$image" "${@:2}" ;;
+  esac
+}
+
+declare -a results=()
+failed=0
+step() {  # step NAME COMMAND...: runs it, records PASS/FAIL with its time
+  local name=$1 start rc
+  shift
+  echo "=== smoke: $name"
+  start=$(date +%s)
+  if "$@"; then rc=0; else rc=$?; fi
+  if [[ $rc -eq 0 ]]; then
+    results+=("PASS  $name ($(( $(date +%s) - start )) s)")
+  else
+    results+=("FAIL  $name (exit $rc, $(( $(date +%s) - start )) s)")
+    failed=1
+  fi
+  return 0
+}
+
+pytest_subset() {
+  run_in python -m pytest -q -p no:cacheprovider -m "not slow and not gpu" \
+    tests/test_ops.py tests/test_pooling.py tests/test_shards.py tests/test_pack_labels.py \
+    tests/test_config.py tests/test_package.py
+}
+
+demo_data() {
+  run_in python tools/make_demo_data.py /smoke/data \
+    && run_in python tools/pack_labels.py /smoke/data/relabel_pt /smoke/labels \
+         --image-root /smoke/data/train --dtype float16 \
+    && [[ -f "$workdir/data/manifest.json" ]] \
+    || { echo "smoke.sh: demo data or labels missing under $workdir" >&2; return 1; }
+}
+
+train_one_epoch() {
+  run_in /usr/local/bin/relabel-train --config-file-path configs/demo.yaml --optim.epochs 1 \
+    --data.data_path /smoke/data --data.relabel.path /smoke/labels --util.output_dir /smoke/runs || return
+  [[ -s "$workdir/runs/checkpoint-last.pth" ]] \
+    || { echo "smoke.sh: no checkpoint-last.pth in the output folder $workdir/runs" >&2; return 1; }
+}
+
+pack_labels_help() {
+  local out
+  out=$(run_in python tools/pack_labels.py --help) || return
+  grep -q '^usage: pack_labels.py' <<<"$out" \
+    || { echo "smoke.sh: pack_labels.py --help printed no usage line" >&2; return 1; }
+}
+
+echo "smoke.sh: image $image, tool $tool, user $user, shm $shm, workdir $workdir"
+step "pytest fast subset" pytest_subset
+step "demo data and label shards" demo_data
+if [[ -f "$workdir/data/manifest.json" ]]; then
+  step "train 1 epoch (torchrun entrypoint)" train_one_epoch
+else
+  results+=("FAIL  train 1 epoch (no demo data)"); failed=1
+fi
+step "pack_labels.py --help" pack_labels_help
+
+echo "=== smoke summary ($image)"
+printf '%s\n' "${results[@]}"
+if [[ $failed -eq 0 ]]; then echo "smoke.sh: PASS"; else echo "smoke.sh: FAIL"; fi
+exit $failed
