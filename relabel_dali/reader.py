@@ -17,6 +17,10 @@ from . import format as fmt
 class ShardCorruptError(fmt.FormatError):
     """A record or shard whose bytes do not match their checksum."""
 
+    def __init__(self, message: str, shard: Path | None = None, row: int | None = None, key: str | None = None):
+        super().__init__(message)
+        self.shard, self.row, self.key = shard, row, key
+
 
 class KeysCorruptError(fmt.FormatError):
     """A keys file whose bytes do not match the checksum in the index."""
@@ -241,7 +245,7 @@ class LabelShardReader:
                     key = self._keys[self.starts[number] + row] if self._keys is not None else None
                     named = f" (key {key!r})" if key is not None else ""
                     yield ShardCorruptError(f"{shard_path}: record {row}{named} checksum {crcs[row]:#010x}, "
-                                            f"computed {computed:#010x}")
+                                            f"computed {computed:#010x}", shard_path, row, key)
             if on_shard is not None:
                 on_shard(len(records))
 

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from test_sources import encode, gradient_image, make_dataset
 
+from relabel_dali import LabelShardReader
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import check_dataset  # noqa: E402
@@ -43,7 +45,8 @@ class TestCheckDataset:
         raw[-5] ^= 0xFF
         shard.write_bytes(bytes(raw))
         report = check_dataset.check(image_root, label_root)
-        assert [p["kind"] for p in report["problems"]] == ["corrupt label shard"]
+        last_key = LabelShardReader(label_root).keys[-1]
+        assert [(p["file"], p["kind"]) for p in report["problems"]] == [(last_key, "corrupt label record")]
         assert "checksum" in report["problems"][0]["detail"]
 
     def test_images_only(self, tmp_path):

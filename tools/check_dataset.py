@@ -3,10 +3,13 @@
 
     python tools/check_dataset.py IMAGE_ROOT [--labels DIR] [--class-map FILE] [--json out.json]
 
-Fully decodes each image (a truncated file, a non-image, an unreadable one is a problem; a CMYK
-JPEG or a PNG named .JPEG decodes and is only noted), and with ``--labels`` matches images to
-label records both ways and verifies every record checksum. Exit code 0: no problems; 1: problems
-found (listed, and written to ``--json``); 2: the dataset could not be read at all.
+Fully decodes each image, strictly: a truncated file, a non-image, an unreadable one, and a JPEG
+whose entropy-coded data is damaged (libjpeg-turbo's "Corrupt JPEG data" warnings, which Pillow and
+DALI decode to garbage without a word) are problems; a CMYK JPEG or a PNG named .JPEG decodes and is
+only noted. With ``--labels`` it matches images to label records both ways, checks every keys file
+against the index and every record checksum, and lists each corrupt record by key. Exit code 0: no
+problems; 1: problems found (listed, and written to ``--json``); 2: the dataset could not be read at
+all. Progress goes to stderr (a line every 30 s when it is not a terminal).
 """
 from __future__ import annotations
 
@@ -17,12 +20,26 @@ import sys
 import warnings
 from pathlib import Path
 
+import simplejpeg
 from PIL import Image
-from tqdm import tqdm
 
 from relabel_dali import FormatError, LabelShardReader
+from relabel_dali.progress import progress
 from relabel_dali.sources import encoded_problem, list_images
 from relabel_dali.writer import atomic_write_bytes
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def jpeg_problem(data: bytes) -> str | None:
+    """Decodes a JPEG with libjpeg-turbo in strict mode: recoverable errors (damaged entropy-coded
+    data, extraneous bytes, a scan that ends early) fail instead of yielding a patched-up image."""
+    try:
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+        simplejpeg.decode_jpeg(data, colorspace="CMYK" if colorspace in ("CMYK", "YCCK") else "RGB", strict=True)
+    except ValueError as error:
+        return f"corrupt JPEG data ({error})"
+    return None
 
 
 def check_image(path: Path) -> tuple[str | None, str | None]:
@@ -34,14 +51,20 @@ def check_image(path: Path) -> tuple[str | None, str | None]:
     problem = encoded_problem(data)
     if problem:
         return problem, None
+    is_jpeg = data[:3] == JPEG_MAGIC
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as image:
-                image.load()
+                if not is_jpeg:  # JPEG pixels are decoded below, strictly
+                    image.load()
                 fmt, mode = image.format, image.mode
     except Exception as error:  # PIL raises many types for broken files
         return f"does not decode ({type(error).__name__}: {error})", None
+    if is_jpeg:
+        problem = jpeg_problem(data)
+        if problem:
+            return problem, None
     notes = []
     if fmt and path.suffix.lower() in (".jpeg", ".jpg") and fmt != "JPEG":
         notes.append(f"{fmt} file named {path.suffix}")
@@ -54,26 +77,37 @@ def check(image_root, label_root=None, *, class_map="folder") -> dict:
     listing = list_images(image_root, class_map=class_map)
     report = {"image_root": str(image_root), "label_root": None if label_root is None else str(label_root),
               "images": len(listing), "problems": [], "notes": []}
-    for rel in tqdm(listing.paths, desc="decoding images", unit="img", disable=None):
+    for rel in progress(listing.paths, desc="check_dataset: decoding images", unit="img"):
         problem, note = check_image(listing.root / rel)
         if problem:
             report["problems"].append({"file": rel, "kind": "bad image", "detail": problem})
         if note:
             report["notes"].append({"file": rel, "detail": note})
     if label_root is not None:
-        reader = LabelShardReader(label_root)
+        check_labels(LabelShardReader(label_root), listing, report)
+    return report
+
+
+def check_labels(reader: LabelShardReader, listing, report: dict) -> None:
+    """Keys files against the index, images against records both ways, every record checksum."""
+    problems = report["problems"]
+    report["records"] = len(reader)
+    try:
         keys = set(reader.keys or [])
-        report["records"] = len(reader)
+    except FormatError as error:
+        # Which record belongs to which image is unknown: matching is skipped, records still checked.
+        problems.append({"file": str(reader.path), "kind": "corrupt keys file", "detail": str(error)})
+        keys = None
+    if keys is not None:
         for rel, key in zip(listing.paths, listing.keys):
             if key not in keys:
-                report["problems"].append({"file": rel, "kind": "no label record", "detail": f"key {key!r}"})
+                problems.append({"file": rel, "kind": "no label record", "detail": f"key {key!r}"})
         for key in sorted(keys - set(listing.keys)):
-            report["problems"].append({"file": key, "kind": "label record without image", "detail": f"key {key!r}"})
-        try:
-            reader.verify()
-        except FormatError as error:
-            report["problems"].append({"file": str(label_root), "kind": "corrupt label shard", "detail": str(error)})
-    return report
+            problems.append({"file": key, "kind": "label record without image", "detail": f"key {key!r}"})
+    with progress(len(reader), desc="check_dataset: label records", unit="rec") as bar:
+        for error in reader.corrupt_records(on_shard=bar.update):
+            where = error.key if error.key is not None else f"{error.shard.name} record {error.row}"
+            problems.append({"file": where, "kind": "corrupt label record", "detail": str(error)})
 
 
 def main(argv=None) -> int:
