@@ -4,10 +4,13 @@
     torchrun --nproc_per_node=8 train.py --config-file-path configs/relabel_train_resnet50.yaml
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py ...
 
-Exit codes: 0 done, 1 training failed, 2 bad configuration or command line.
+Exit codes: 0 done, 1 training failed, 2 bad configuration or command line, 143 stopped by
+SIGTERM (at a step boundary; the workers end with it; ``--resume auto`` continues from the last
+checkpoint).
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -16,9 +19,11 @@ import torch
 
 from relabel_dali.checkpoint import (BEST_NAME, FORMAT, LAST_NAME, atomic_copy, load_checkpoint, load_model_weights,
                                      resolve_resume, rng_state, save_keeping_previous, set_rng_state)
-from relabel_dali.config import ConfigError, parse_command_line, save_config, to_plain
+from relabel_dali.atomic import atomic_write_bytes
+from relabel_dali.config import ConfigError, check_values, parse_command_line, save_config, to_plain
 from relabel_dali.distributed import barrier, cleanup, init_distributed
-from relabel_dali.engine import RunLogger, build_data, build_real, evaluate, train_one_epoch
+from relabel_dali.engine import (METRICS_NAME, STOPPED_EXIT, RunLogger, StopRequest, Stopped, build_data, build_real,
+                                 evaluate, train_one_epoch)
 from relabel_dali.models import build_model, unwrap
 from relabel_dali.optim import build_optimizer, build_schedule
 
@@ -51,10 +56,28 @@ def save(path, model, optimizer, schedule, scaler, cfg, epoch, best_top1, last_m
                            "config": to_plain(cfg), "rng": rng_state(), "arch": cfg.model.arch}, path)
 
 
-def run(cfg, resume) -> int:
+def write_metrics(path, epoch: int, metrics: dict, best_top1: float, stats: dict) -> None:
+    """``metrics.json`` beside the checkpoints: the latest evaluation, machine-readable."""
+    record = {"epoch": epoch, **metrics, "best_top1": best_top1, "train": stats}
+    atomic_write_bytes(Path(path), json.dumps(record, indent=2).encode())
+
+
+def run(cfg, resume, stop: StopRequest) -> int:
+    check_values(cfg)
     env = init_distributed(cfg.compute.device, cfg.compute.distributed.backend,
                            cfg.compute.distributed.timeout_s)
-    data = build_data(cfg, env)  # before anything touches CUDA
+    out_dir = Path(cfg.util.output_dir)
+    checkpoint_path = None if cfg.util.test_only else resolve_resume(resume, out_dir)
+    state = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None  # on the CPU
+    start_epoch = state["epoch"] if state is not None else 0
+    data = build_data(cfg, env, start_epoch)  # before anything touches CUDA
+    try:
+        return train(cfg, env, data, state, checkpoint_path, stop)
+    finally:
+        data.close()  # the pipelines' worker processes end with the run, whatever ended it
+
+
+def train(cfg, env, data, state, checkpoint_path, stop: StopRequest) -> int:
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
         torch.backends.cudnn.benchmark = True
@@ -70,9 +93,7 @@ def run(cfg, resume) -> int:
     schedule = build_schedule(cfg, optimizer, steps_per_epoch=len(data.train))
     scaler = torch.amp.GradScaler("cuda", enabled=env.device.type == "cuda" and cfg.compute.amp == "fp16")
     start_epoch, best_top1, metrics = 0, float("-inf"), {}
-    checkpoint_path = resolve_resume(resume, out_dir)
-    if checkpoint_path is not None:
-        state = load_checkpoint(checkpoint_path)
+    if state is not None:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -92,7 +113,8 @@ def run(cfg, resume) -> int:
     started = time.perf_counter()
     try:
         for epoch in range(start_epoch, cfg.optim.epochs):
-            stats = train_one_epoch(model, data.train.epoch(epoch), optimizer, schedule, scaler, cfg, epoch, env, logger)
+            stats = train_one_epoch(model, data.train_epoch(epoch), optimizer, schedule, scaler, cfg, epoch, env,
+                                    logger, stop=stop)
             last = epoch + 1 == cfg.optim.epochs
             if last or (epoch + 1) % cfg.util.val_every == 0:
                 metrics = evaluate(model, data.val, cfg, env, real)
@@ -108,12 +130,18 @@ def run(cfg, resume) -> int:
                 save(out_dir / LAST_NAME, model, optimizer, schedule, scaler, cfg, epoch + 1, best_top1, metrics)
                 if improved:
                     atomic_copy(out_dir / LAST_NAME, out_dir / BEST_NAME)
+                write_metrics(out_dir / METRICS_NAME, epoch + 1, metrics, best_top1, stats)
             barrier()
+    except Stopped as stopped:
+        log(env, f"train.py: {stopped}; the last checkpoint is {out_dir / LAST_NAME} "
+                 f"(resume with --resume auto: it restarts that epoch)")
+        return STOPPED_EXIT
     finally:
         logger.close()
     elapsed = time.perf_counter() - started
     log(env, f"done in {elapsed / 60:.1f} min ({elapsed:.0f} s): best top-1 {best_top1:.2f}%; checkpoints {out_dir / LAST_NAME}, "
-             f"{out_dir / BEST_NAME}; config {out_dir / 'config.yaml'}; TensorBoard logs {out_dir / 'tb'}")
+             f"{out_dir / BEST_NAME}; config {out_dir / 'config.yaml'}; metrics {out_dir / METRICS_NAME}; "
+             f"TensorBoard logs {out_dir / 'tb'}")
     return 0
 
 
@@ -124,12 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"train.py: {error}", file=sys.stderr)
         return 2
+    stop = StopRequest.install()  # SIGTERM (SLURM's preemption signal): stop at the next step
     try:
-        return run(cfg, resume)
+        return run(cfg, resume, stop)
     except ConfigError as error:
         print(f"train.py: {error}", file=sys.stderr)
         return 2
     finally:
+        stop.uninstall()
         cleanup()
 
 

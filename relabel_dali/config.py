@@ -222,6 +222,31 @@ def load_config(config_file: str | os.PathLike | None = None,
     return to_config(tree)
 
 
+def check_values(cfg: Config) -> None:
+    """Values that would otherwise fail late (after a whole epoch) or with a traceback; data
+    settings are checked where they are built (``settings.DataSettings.from_config``)."""
+    positive = ("optim.batch_size", "optim.epochs", "util.val_batch_size", "util.val_every", "util.print_freq",
+                "data.image_size", "data.num_classes", "data.num_threads")
+    for key in positive:
+        value = cfg.get_path(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
+    root = Path(cfg.data.data_path)
+    folders = [cfg.data.val_folder] if cfg.util.test_only else [cfg.data.train_folder, cfg.data.val_folder]
+    for folder in folders:
+        if not (root / folder).is_dir():
+            raise ConfigError(f"data.data_path: {root / folder} is not a folder (data.data_path={str(root)!r}, "
+                              f"folder {folder!r})")
+    if cfg.data.relabel.use and not cfg.util.test_only:
+        path = Path(cfg.data.relabel.path) if cfg.data.relabel.path else None
+        if path is None:
+            raise ConfigError("data.relabel.use is true but data.relabel.path is empty: point it at the "
+                              "packed label shards (tools/pack_labels.py) or set --data.relabel.use false")
+        if not path.exists():
+            raise ConfigError(f"data.relabel.path: {path} does not exist (pack label maps with "
+                              f"tools/pack_labels.py, or set --data.relabel.use false)")
+
+
 def parse_command_line(argv: list[str]) -> tuple[Config, str | None]:
     """``train.py`` arguments -> (resolved config, resume: None, a path or 'auto')."""
     config_file, resume, overrides = split_flags(argv)

@@ -7,57 +7,45 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from .config import Config
+from .config import Config, ConfigError
 from .distributed import DistEnv, all_reduce_sum
 from .losses import smooth_targets, soft_target_cross_entropy
 from .metrics import AccuracyMeter, RealLabels, load_real_labels
+from .settings import DataSettings
 
 
 # ---- data --------------------------------------------------------------------------------------
-class TrainData:
-    """The training loader, one epoch at a time.
-
-    DALI's random operators are seeded when a pipeline is built. With ``reseed_per_epoch`` the
-    pipeline is rebuilt for every epoch with ``start_epoch=epoch``, so crops, flips and colour
-    jitter of epoch e depend on (seed, rank, e) only and a resumed run replays them exactly;
-    without it one pipeline runs on and only the sample order is replayed after a resume.
-    """
-
-    def __init__(self, factory, reseed_per_epoch: bool):
-        self.factory, self.reseed_per_epoch = factory, reseed_per_epoch
-        self.loader = factory(0)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def epoch(self, epoch: int):
-        if self.reseed_per_epoch and (epoch != 0 or self.loader.epoch != 0):
-            self.loader = None  # its pipeline and workers go before new ones start
-            self.loader = self.factory(epoch)
-        else:
-            self.loader.set_epoch(epoch)
-        return self.loader
-
-
 @dataclass
 class Data:
-    train: TrainData
+    train: object  # loader.DaliLoader: dicts {"images", "targets", "labels", "boxes", "indices"}
     val: object  # iterable of dicts {"images", "labels", "indices", "valid"}
     val_keys: list[str]  # validation sample keys, indexed by the batches' "indices"
+
+    def train_epoch(self, epoch: int):
+        """The training loader, positioned at ``epoch`` (free when epochs run in sequence)."""
+        self.train.set_epoch(epoch)
+        return self.train
+
+    def close(self) -> None:
+        for loader in (self.train, self.val):
+            close = getattr(loader, "close", None)
+            if close is not None:
+                close()
 
 
 def per_rank_batch(global_batch: int, world_size: int, name: str) -> int:
     if global_batch % world_size:
-        raise ValueError(f"{name}={global_batch} is not divisible by the {world_size} processes")
+        raise ConfigError(f"{name}={global_batch} is not divisible by the {world_size} processes")
     return global_batch // world_size
 
 
@@ -67,45 +55,75 @@ def resolve_start_method(start_method: str, device: torch.device) -> str:
     if start_method == "auto":
         return "spawn" if device.type == "cuda" else "fork"
     if start_method not in ("fork", "spawn"):
-        raise ValueError(f"data.start_method {start_method!r}: expected auto, fork or spawn")
+        raise ConfigError(f"data.start_method {start_method!r}: expected auto, fork or spawn")
+    if device.type == "cuda" and start_method == "fork":
+        # Building the first GPU pipeline initialises CUDA in this process, so the validation
+        # pipeline would have to fork after it, which DALI refuses.
+        raise ConfigError("data.start_method fork cannot work on the GPU: building the training pipeline "
+                          "initialises CUDA, after which DALI cannot fork the validation pipeline's "
+                          "workers: set --data.start_method spawn")
     return start_method
 
 
-def build_data(cfg: Config, env: DistEnv) -> Data:
-    """The trainer's only contact with the data path. Call it before CUDA is touched: DALI's
-    forked workers refuse a process with CUDA initialised."""
-    from functools import partial
+def data_settings(cfg: Config, env: DistEnv) -> DataSettings:
+    device = str(env.device) if env.device.type == "cuda" else "cpu"
+    return DataSettings.from_config(cfg.data, device=device,
+                                    start_method=resolve_start_method(cfg.data.start_method, env.device))
 
+
+def build_data(cfg: Config, env: DistEnv, start_epoch: int = 0) -> Data:
+    """The trainer's only contact with the data path: both loaders, built once per run, the
+    training loader starting at ``start_epoch``. Call it before CUDA is touched: DALI's forked
+    workers refuse a process with CUDA initialised."""
     from . import loader
 
-    root = Path(cfg.data.data_path)
-    device = str(env.device) if env.device.type == "cuda" else "cpu"
-    start_method = resolve_start_method(cfg.data.start_method, env.device)
-    common = dict(image_size=cfg.data.image_size, rank=env.rank, world_size=env.world_size, device=device,
-                  class_map=cfg.data.class_map, num_threads=cfg.data.num_threads,
-                  py_workers=cfg.data.py_workers, start_method=start_method)
-    use_relabel = cfg.data.relabel.use
-    if use_relabel and not cfg.data.relabel.path:
-        raise ValueError("data.relabel.use is true but data.relabel.path is empty: point it at the "
-                         "packed label shards (tools/pack_labels.py) or set --data.relabel.use False")
-    if env.device.type == "cuda" and start_method == "fork":
-        # Building the first GPU pipeline initialises CUDA in this process, so the validation
-        # pipeline (and any per-epoch rebuild) would have to fork after it, which DALI refuses.
-        raise ValueError("data.start_method fork cannot work on the GPU: building the training pipeline "
-                         "initialises CUDA, after which DALI cannot fork the validation pipeline's (or a "
-                         "reseed_per_epoch rebuild's) workers: set --data.start_method spawn")
-    train_factory = partial(
-        loader.build_train_loader, root / cfg.data.train_folder,
-        cfg.data.relabel.path if use_relabel else None,
-        batch_size=per_rank_batch(cfg.optim.batch_size, env.world_size, "optim.batch_size"),
-        seed=cfg.compute.seed, use_relabel=use_relabel, pool_mode=cfg.data.relabel.pool_mode,
-        num_classes=cfg.data.num_classes, random_area=(cfg.data.rrc_minimum, 1.0), **common)
-    train = TrainData(lambda epoch: train_factory(start_epoch=epoch), cfg.data.reseed_per_epoch)
+    settings = data_settings(cfg, env)
+    train = loader.build_train_loader(
+        settings.train, batch_size=per_rank_batch(cfg.optim.batch_size, env.world_size, "optim.batch_size"),
+        labels=settings.labels, augment=settings.augment, runtime=settings.runtime, rank=env.rank,
+        world_size=env.world_size, seed=cfg.compute.seed, start_epoch=start_epoch)
     val = loader.build_val_loader(
-        root / cfg.data.val_folder,
-        batch_size=per_rank_batch(cfg.util.val_batch_size, env.world_size, "util.val_batch_size"),
-        crop_ratio=cfg.data.crop_ratio, **common)
-    return Data(train, val, list(val.source.keys))
+        settings.val, batch_size=per_rank_batch(cfg.util.val_batch_size, env.world_size, "util.val_batch_size"),
+        transform=settings.val_transform, runtime=settings.runtime, rank=env.rank, world_size=env.world_size)
+    return Data(train, val, val.source.keys)
+
+
+# ---- stopping on request -------------------------------------------------------------------------
+METRICS_NAME = "metrics.json"
+STOPPED_EXIT = 128 + signal.SIGTERM  # the shell's code for "ended by SIGTERM"
+
+
+class Stopped(Exception):
+    """Training stopped at a step boundary because a stop was requested (SIGTERM)."""
+
+
+class StopRequest:
+    """Set by SIGTERM; the training loop checks it after every step. A second SIGTERM while the
+    first is being honoured ends the process at once (the default action)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = None
+
+    @classmethod
+    def install(cls) -> "StopRequest":
+        request = cls()
+        if threading.current_thread() is threading.main_thread():
+            request._previous = signal.signal(signal.SIGTERM, request._handle)
+        return request
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def check(self, where: str) -> None:
+        if self.signal is not None:
+            raise Stopped(f"stopped by {signal.Signals(self.signal).name} {where}")
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -136,8 +154,9 @@ def cutmix_active(cfg: Config, epoch: int) -> bool:
 
 # ---- training ------------------------------------------------------------------------------------
 def train_one_epoch(model, loader, optimizer, schedule, scaler, cfg: Config, epoch: int, env: DistEnv,
-                    logger=None) -> dict:
-    """One pass over ``loader``; returns the epoch's mean loss (over all ranks) and throughput."""
+                    logger=None, stop: StopRequest | None = None) -> dict:
+    """One pass over ``loader``; returns the epoch's mean loss (over all ranks) and throughput.
+    Raises ``Stopped`` at the first step boundary after ``stop`` was requested."""
     model.train()
     torch.manual_seed(epoch_seed(cfg.compute.seed, epoch, env.rank))
     # CutMix draws its boxes and pairings on the CPU: the same numbers on any device.
@@ -185,6 +204,8 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, cfg: Config, epo
                 logger.scalar("train/loss", value, schedule.step_count)
                 logger.scalar("train/lr", lr, schedule.step_count)
         bar.update(1)
+        if stop is not None:
+            stop.check(f"at epoch {epoch + 1}, step {step + 1} of {steps}")
         last = time.perf_counter()
     # Run the loader's epoch to its end so it knows the epoch is complete.
     for _ in iterator:
@@ -243,6 +264,3 @@ class RunLogger:
             self.writer.flush()
             self.writer.close()
 
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()

@@ -1,5 +1,6 @@
-"""The sample source: dataset listing, per-epoch shuffle, global-rank sharding, and the callable
-that ``fn.external_source(parallel=True, batch=False)`` runs in its worker processes.
+"""The sample source: the dataset listing, per-epoch shuffle, global-rank sharding, per-sample
+augmentation parameters, and the callable that ``fn.external_source(parallel=True, batch=False)``
+runs in its worker processes.
 
 Epoch layout (every rank computes the same thing from the same arguments, so ranks never need to
 talk): the dataset order of epoch ``e`` is a permutation seeded by ``(seed, e)``; the permuted
@@ -14,42 +15,56 @@ list is cut to a multiple of ``world_size * batch_size`` and rank ``r`` takes ev
 
 DALI drops a partial last batch, so every rank's epoch is a whole number of batches, the same on
 all ranks (uneven batch counts hang DDP).
+
+Augmentation (training): slot ``i`` of epoch ``e`` on rank ``r`` gets its crop window, flip, jitter
+factors and lighting from ``augment.AugmentDraws`` keyed by ``(seed, r, e, i)``; the source sends
+them with the sample. Nothing in the graph is random, so the source and the pipeline are built
+once per run and a resumed run (``start_epoch``) replays every epoch exactly.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .labelmaps import is_image, sample_key
+from .augment import AugmentDraws, SampleAugment
+from .encoded import encoded_problem, image_size
+from .labelmaps import is_image
 from .reader import LabelRecord, LabelShardReader
+from .settings import BAD_SAMPLE_POLICIES, TrainAugment
 
-PACKED_HEAD = 16  # bytes before the label record in a packed sample: int64 label, int64 index
+__all__ = ["BadSampleError", "Listing", "SampleSource", "encoded_problem", "epoch_permutation", "list_images",
+           "load_class_map", "match_records", "rank_slots"]
+
+log = logging.getLogger(__name__)
+
+PACKED_HEAD = 16  # bytes before anything else in a packed sample: int64 label, int64 index
+REMAINDER_POLICIES = ("pad", "drop", "mask")
+# The training parameters a packed sample carries after its head: name -> (dtype, shape).
+AUGMENT_FIELDS = {"anchor": (np.int32, (2,)), "crop_shape": (np.int32, (2,)), "box": (np.float32, (4,)),
+                  "mirror": (np.int32, ()), "brightness": (np.float32, ()), "contrast": (np.float32, ()),
+                  "saturation": (np.float32, ()), "lighting": (np.float32, (3,))}
+AUGMENT_DTYPE = np.dtype([(name, dtype, shape) for name, (dtype, shape) in AUGMENT_FIELDS.items()])
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be trained on; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
 class Sample:
     """One delivered sample: encoded image bytes, class label, sample index (both ``-1`` for masked
-    padding) and the stored label record's bytes (None without labels)."""
+    padding), the stored label record's bytes (None without labels) and the training
+    augmentation (None for validation)."""
     image: np.ndarray
     label: int
     index: int
     record: np.ndarray | None
-
-log = logging.getLogger(__name__)
-
-REMAINDER_POLICIES = ("pad", "drop", "mask")
-BAD_SAMPLE_POLICIES = ("fail", "skip")
-# A JPEG may carry a few bytes after its end-of-image marker; the marker is searched this far back.
-_EOI_SEARCH_BYTES = 4096
-
-
-class BadSampleError(ValueError):
-    """A sample that cannot be trained on; the message names the file and the problem."""
+    augment: SampleAugment | None = None
 
 
 # ---- listing ---------------------------------------------------------------------------------
@@ -77,41 +92,173 @@ def load_class_map(class_map, folders: list[str]) -> dict[str, int]:
     return {str(wnid): int(index) for wnid, index in class_map.items()}
 
 
-@dataclass(frozen=True)
+def _index_dtype(limit: int) -> np.dtype:
+    return np.dtype(np.int32) if limit < 2 ** 31 else np.dtype(np.int64)
+
+
+@dataclass(frozen=True, eq=False)
 class Listing:
-    """The dataset, in key order: what every rank agrees on."""
+    """The dataset in path order, as a handful of numpy arrays (what every rank agrees on).
+
+    Sample ``i``'s path is ``dirs[dir_ids[i]] + "/" + stem_i + suffixes[suffix_ids[i]]`` and its
+    key is the path without the suffix; the stems are one UTF-8 blob cut by ``stem_offsets``.
+    Labels come from the sample's class folder (``dir_labels``). Arrays pickle as a few buffers,
+    and forked workers never touch per-sample Python objects, so neither spawn nor fork copies
+    the listing object by object. ``record_numbers`` (label record of each sample) is set by
+    ``match_records``.
+    """
 
     root: Path
-    paths: list[str]  # relative to root, POSIX
-    keys: list[str]  # paths without extension
-    labels: np.ndarray  # int64 [N]
+    dirs: tuple[str, ...]
+    dir_labels: np.ndarray  # int64 [len(dirs)]
+    suffixes: tuple[str, ...]
+    dir_ids: np.ndarray  # int32 [N]
+    suffix_ids: np.ndarray  # uint8 [N]
+    stems: np.ndarray  # uint8 blob
+    stem_offsets: np.ndarray  # [N + 1]
+    record_numbers: np.ndarray | None = None  # [N]
+
+    @classmethod
+    def from_paths(cls, root, paths, class_map="folder") -> "Listing":
+        """``paths``: POSIX paths relative to ``root``, each inside a class folder (its first
+        component); sorted here."""
+        paths = sorted(paths)
+        dir_index: dict[str, int] = {}
+        suffix_index: dict[str, int] = {}
+        dir_ids = np.empty(len(paths), np.int32)
+        suffix_ids = np.empty(len(paths), np.uint8)
+        stems = []
+        for i, path in enumerate(paths):
+            folder, _, name = path.rpartition("/")
+            if not folder:
+                raise ValueError(f"{root}: {path!r} is not inside a class folder (expected <class>/<file>)")
+            suffix = PurePosixPath(name).suffix
+            stems.append(name[:len(name) - len(suffix)])
+            dir_ids[i] = dir_index.setdefault(folder, len(dir_index))
+            code = suffix_index.setdefault(suffix, len(suffix_index))
+            if code > 255:
+                raise ValueError(f"{root}: more than 256 different file suffixes")
+            suffix_ids[i] = code
+        encoded = [stem.encode() for stem in stems]
+        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+        offsets = np.zeros(len(paths) + 1, _index_dtype(int(lengths.sum())))
+        np.cumsum(lengths, out=offsets[1:])
+        dirs = tuple(dir_index)
+        folders = sorted({folder.split("/")[0] for folder in dirs})
+        mapping = load_class_map(class_map, folders)
+        missing = [name for name in folders if name not in mapping]
+        if missing:
+            raise ValueError(f"class_map: no index for class folder(s) {missing[:5]} "
+                             f"({len(missing)} of {len(folders)} missing)")
+        dir_labels = np.array([mapping[folder.split("/")[0]] for folder in dirs], np.int64)
+        return cls(Path(root), dirs, dir_labels, tuple(suffix_index), dir_ids, suffix_ids,
+                   np.frombuffer(b"".join(encoded), np.uint8), offsets)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.dir_ids)
+
+    def key(self, i: int) -> str:
+        stem = self.stems[self.stem_offsets[i]:self.stem_offsets[i + 1]].tobytes().decode()
+        return f"{self.dirs[self.dir_ids[i]]}/{stem}"
+
+    def path(self, i: int) -> str:
+        return self.key(i) + self.suffixes[self.suffix_ids[i]]
+
+    def label(self, i: int) -> int:
+        return int(self.dir_labels[self.dir_ids[i]])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.dir_labels[self.dir_ids]
+
+    @property
+    def keys(self) -> list[str]:
+        """Every key as a Python list (built on demand: tools and validation, not the workers)."""
+        return [self.key(i) for i in range(len(self))]
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.path(i) for i in range(len(self))]
+
+    def subset(self, keep: np.ndarray) -> "Listing":
+        """The samples where ``keep`` (bool [N]) is true, in the same order."""
+        indices = np.flatnonzero(keep)
+        starts, stops = self.stem_offsets[indices], self.stem_offsets[indices + 1]
+        lengths = stops - starts
+        offsets = np.zeros(len(indices) + 1, self.stem_offsets.dtype)
+        np.cumsum(lengths, out=offsets[1:])
+        blob = np.concatenate([self.stems[a:b] for a, b in zip(starts.tolist(), stops.tolist())]) \
+            if len(indices) else np.zeros(0, np.uint8)
+        numbers = None if self.record_numbers is None else self.record_numbers[indices]
+        return replace(self, dir_ids=self.dir_ids[indices], suffix_ids=self.suffix_ids[indices], stems=blob,
+                       stem_offsets=offsets, record_numbers=numbers)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.dir_labels, self.dir_ids, self.suffix_ids, self.stems, self.stem_offsets, self.record_numbers)
+        return sum(a.nbytes for a in arrays if a is not None)
 
 
 def list_images(image_root, *, file_list=None, class_map="folder") -> Listing:
     """Lists ``root/<class>/<file>`` images (or the paths in ``file_list``, one per line, relative
-    to the root) sorted by key; the class is the first path component."""
+    to the root), sorted by path; the class is the first path component."""
     root = Path(image_root)
     if not root.is_dir():
         raise FileNotFoundError(f"image root {root}: not a folder")
     if file_list is not None:
-        lines = Path(file_list).read_text(encoding="utf-8").splitlines()
-        paths = sorted(line.strip() for line in lines if line.strip())
+        try:
+            lines = Path(file_list).read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            raise FileNotFoundError(f"data.file_list {file_list}: unreadable ({error.strerror})") from None
+        paths = [line.strip() for line in lines if line.strip()]
     else:
-        paths = sorted(p.relative_to(root).as_posix() for p in root.glob("*/*") if is_image(p))
+        paths = [p.relative_to(root).as_posix() for p in root.glob("*/*") if is_image(p)]
     if not paths:
         raise ValueError(f"image root {root}: no images found (expected <root>/<class>/<file>)")
-    folders = sorted({path.split("/")[0] for path in paths})
-    mapping = load_class_map(class_map, folders)
-    missing = [name for name in folders if name not in mapping]
-    if missing:
-        raise ValueError(f"class_map: no index for class folder(s) {missing[:5]} "
-                         f"({len(missing)} of {len(folders)} missing)")
-    keys = [sample_key(path) for path in paths]
-    labels = np.array([mapping[path.split("/")[0]] for path in paths], dtype=np.int64)
-    return Listing(root, paths, keys, labels)
+    return Listing.from_paths(root, paths, class_map)
+
+
+@dataclass(frozen=True)
+class MatchReport:
+    """What ``match_records`` left out: images without a record, records without an image."""
+    dropped: list[str]
+    unused_records: list[str]
+
+
+def match_records(listing: Listing, reader: LabelShardReader, on_bad_sample: str = "fail") -> tuple[Listing, MatchReport]:
+    """The listing with each sample's label record number. Images without a record: ``fail``
+    raises, ``skip`` leaves them out (the same on every rank); records without an image are
+    reported the same way and otherwise unused."""
+    keys = reader.keys
+    if keys is None:
+        raise BadSampleError(f"{reader.path}: no keys file, so records cannot be matched to images")
+    lookup = {key: i for i, key in enumerate(keys)}
+    if len(lookup) != len(keys):
+        raise BadSampleError(f"{reader.path}: {len(keys) - len(lookup)} key(s) appear twice in the key files")
+    image_keys = listing.keys
+    numbers = np.fromiter((lookup.pop(key, -1) for key in image_keys), np.int64, len(image_keys))
+    if len(set(image_keys)) != len(image_keys):
+        raise BadSampleError(f"{listing.root}: two images share a key (same path but for the extension)")
+    unused = sorted(lookup)  # what no image claimed
+    unlabeled = np.flatnonzero(numbers < 0)
+    if unused:
+        message = f"{reader.path}: {len(unused)} label record(s) without an image, e.g. {unused[:3]}"
+        if on_bad_sample == "fail":
+            raise BadSampleError(message + " (on_bad_sample='skip' ignores them)")
+        log.warning(message)
+    dropped = [listing.path(i) for i in unlabeled[:1000]]
+    if len(unlabeled):
+        message = (f"{len(unlabeled)} image(s) under {listing.root} without a label record in "
+                   f"{reader.path}, e.g. {dropped[:3]}")
+        if on_bad_sample == "fail":
+            raise BadSampleError(message + " (on_bad_sample='skip' leaves them out)")
+        log.warning(message + ": left out")
+        listing = listing.subset(numbers >= 0)
+        numbers = numbers[numbers >= 0]
+    if not len(listing):
+        raise BadSampleError(f"no image under {listing.root} has a label record in {reader.path}")
+    numbers = numbers.astype(_index_dtype(len(reader)))
+    return replace(listing, record_numbers=numbers), MatchReport(dropped, unused)
 
 
 # ---- epoch layout ----------------------------------------------------------------------------
@@ -143,23 +290,11 @@ def rank_slots(order: np.ndarray, *, rank: int, world_size: int, batch_size: int
     return order[rank::world_size]
 
 
-# ---- encoded image checks --------------------------------------------------------------------
-def encoded_problem(data: bytes) -> str | None:
-    """A cheap structural check that catches truncated/empty files before the decoder fails the
-    whole batch; None when the bytes look decodable. Full decodes are tools/check_dataset.py's job."""
-    if len(data) == 0:
-        return "empty file"
-    if data[:3] == b"\xff\xd8\xff":
-        if data.rfind(b"\xff\xd9", max(0, len(data) - _EOI_SEARCH_BYTES)) < 0:
-            return "truncated JPEG (no end-of-image marker)"
-        return None
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        if data.rfind(b"IEND", max(0, len(data) - 64)) < 0:
-            return "truncated PNG (no IEND chunk)"
-        return None
-    if data[:2] == b"BM" or data[:4] in (b"II*\0", b"MM\0*") or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
-        return None
-    return f"not an image (starts with {data[:8]!r})"
+def rank_length(num_samples: int, *, world_size: int, batch_size: int, remainder: str) -> int:
+    """Samples per epoch on each rank (a multiple of the batch size), without building the order."""
+    step = world_size * batch_size
+    total = num_samples // step * step if remainder == "drop" else -(-num_samples // step) * step
+    return total // world_size
 
 
 # ---- the source ------------------------------------------------------------------------------
@@ -167,82 +302,70 @@ class SampleSource:
     """Picklable per-sample callable for ``fn.external_source(parallel=True, batch=False)``.
 
     Outputs, two uint8 arrays per sample: the encoded image, and the packed sample (``pack``): the
-    class label and the sample index (int64; ``-1`` for masked padding), then, with labels, the
-    stored label record (scores ``[k, H, W]`` in the stored dtype, class ids ``uint16 [k, H, W]``,
-    scale, offset). The graph slices the fields out (``pipelines.training.read_source``);
-    ``sample`` gives them separately. The sample index is that of the sample actually delivered:
-    a substituted bad sample reports its replacement's index.
+    class label and the sample index (int64; ``-1`` for masked padding), then, for training
+    (``augment`` given), the sample's augmentation parameters (``AUGMENT_DTYPE``), then, with
+    labels, the stored label record. The graph slices the fields out
+    (``pipelines.training.read_source``); ``sample`` gives them separately. The sample index is that
+    of the sample actually delivered: a substituted bad sample reports its replacement's index.
 
     ``on_bad_sample``: ``"fail"`` raises :class:`BadSampleError` naming the file; ``"skip"``
     substitutes the next good sample in dataset order (deterministic, so ranks still agree and the
-    epoch length is unchanged) and logs a warning. Images without a label record are found at
-    construction: ``fail`` raises, ``skip`` leaves them out of the listing (the same on every
-    rank); label records without an image are reported the same way and otherwise unused.
+    epoch length is unchanged) and logs a warning. A label record with a non-finite score or a
+    class id outside the label space counts as a bad sample too, named by its key.
     """
 
-    def __init__(self, image_root, label_root=None, *, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle: bool = True, remainder: str = "pad",
-                 start_epoch: int = 0, file_list=None, class_map="folder", on_bad_sample: str = "fail",
-                 listing: Listing | None = None):
+    def __init__(self, listing: Listing | str | os.PathLike, label_root=None, *, batch_size: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 remainder: str = "pad", start_epoch: int = 0, on_bad_sample: str = "fail",
+                 augment: TrainAugment | None = None):
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"on_bad_sample {on_bad_sample!r}: expected one of {BAD_SAMPLE_POLICIES}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not isinstance(listing, Listing):
+            listing = list_images(listing)
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.seed, self.shuffle, self.remainder = int(seed), bool(shuffle), remainder
         self.start_epoch, self.on_bad_sample = int(start_epoch), on_bad_sample
-        listing = listing or list_images(image_root, file_list=file_list, class_map=class_map)
         self.label_root = None if label_root is None else Path(label_root)
-        self.dropped: list[str] = []  # images left out (no label record), skip mode
-        self.unused_records: list[str] = []
-        self.record_numbers = None
+        self.report = MatchReport([], [])
+        self.geometry = None
         if self.label_root is not None:
-            listing = self._match_records(listing)
-        self.root, self.paths, self.keys, self.labels = listing.root, listing.paths, listing.keys, listing.labels
-        rank_slots(np.arange(len(self.paths)), rank=self.rank, world_size=self.world_size,
-                   batch_size=self.batch_size, remainder=remainder)  # validates early
+            reader = LabelShardReader(self.label_root)
+            if listing.record_numbers is None:
+                listing, self.report = match_records(listing, reader, on_bad_sample)
+            self.geometry = reader.geometry
+        self.listing = listing
+        self.augment = augment
+        self._draws = None if augment is None else AugmentDraws(
+            seed=seed, rank=rank, random_area=augment.random_area, random_aspect_ratio=augment.random_aspect_ratio,
+            flip=augment.flip, color_jitter=augment.color_jitter, lighting_std=augment.lighting_std)
+        self._length = rank_length(len(listing), world_size=self.world_size, batch_size=self.batch_size,
+                                   remainder=remainder)
+        if remainder not in REMAINDER_POLICIES:
+            raise ValueError(f"remainder {remainder!r}: expected one of {REMAINDER_POLICIES}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
+        if self._length == 0:
+            raise ValueError(f"{len(listing)} samples make no full global batch of {world_size} x {batch_size} "
+                             f"(remainder='drop')")
         self._reader = None
         self._cached_epoch = None
-
-    def _match_records(self, listing: Listing) -> Listing:
-        reader = LabelShardReader(self.label_root)
-        lookup = {key: i for i, key in enumerate(reader.keys or [])}
-        numbers = np.array([lookup.get(key, -1) for key in listing.keys], dtype=np.int64)
-        unlabeled = [listing.paths[i] for i in np.flatnonzero(numbers < 0)]
-        image_keys = set(listing.keys)
-        self.unused_records = [key for key in lookup if key not in image_keys]
-        if self.unused_records:
-            message = (f"{self.label_root}: {len(self.unused_records)} label record(s) without an image, "
-                       f"e.g. {self.unused_records[:3]}")
-            if self.on_bad_sample == "fail":
-                raise BadSampleError(message + " (on_bad_sample='skip' ignores them)")
-            log.warning(message)
-        if unlabeled:
-            message = (f"{len(unlabeled)} image(s) under {listing.root} without a label record in "
-                       f"{self.label_root}, e.g. {unlabeled[:3]}")
-            if self.on_bad_sample == "fail":
-                raise BadSampleError(message + " (on_bad_sample='skip' leaves them out)")
-            log.warning(message + ": left out")
-            self.dropped = unlabeled
-            keep = numbers >= 0
-            listing = Listing(listing.root, [p for p, k in zip(listing.paths, keep) if k],
-                              [key for key, k in zip(listing.keys, keep) if k], listing.labels[keep])
-            numbers = numbers[keep]
-        if not len(listing):
-            raise BadSampleError(f"no image under {listing.root} has a label record in {self.label_root}")
-        self.record_numbers = numbers
-        self.geometry = reader.geometry
-        return listing
+        self._owner = os.getpid()  # the process that built the source; workers are the others
+        self._worker_ready = False
 
     # ---- epoch layout ---------------------------------------------------------------------
     @property
     def with_labels(self) -> bool:
         return self.label_root is not None
 
+    @property
+    def keys(self) -> list[str]:
+        return self.listing.keys
+
     def __len__(self) -> int:
         """Samples per epoch on this rank (a multiple of the batch size)."""
-        return len(rank_slots(np.arange(len(self.paths)), rank=self.rank, world_size=self.world_size,
-                              batch_size=self.batch_size, remainder=self.remainder))
+        return self._length
 
     @property
     def batches_per_epoch(self) -> int:
@@ -250,12 +373,12 @@ class SampleSource:
 
     def epoch_slots(self, epoch: int) -> np.ndarray:
         """Dataset indices this rank reads in ``epoch``, in order (``-1``: masked padding)."""
-        n = len(self.paths)
+        n = len(self.listing)
         order = epoch_permutation(n, self.seed, epoch) if self.shuffle else np.arange(n)
         return rank_slots(order, rank=self.rank, world_size=self.world_size,
                           batch_size=self.batch_size, remainder=self.remainder)
 
-    # ---- the callable ---------------------------------------------------------------------
+    # ---- the packed sample ----------------------------------------------------------------
     @property
     def quantized(self) -> bool:
         """True for uint8 label scores: only those need their record's scale and offset."""
@@ -271,46 +394,44 @@ class SampleSource:
         return [1, 1]
 
     @property
+    def _record_start(self) -> int:
+        return PACKED_HEAD + (AUGMENT_DTYPE.itemsize if self.augment is not None else 0)
+
+    @property
     def packed_size(self) -> int:
-        return PACKED_HEAD + (self.geometry.record_dtype.itemsize if self.with_labels else 0)
+        return self._record_start + (self.geometry.record_dtype.itemsize if self.with_labels else 0)
 
     @property
     def packed_fields(self) -> dict[str, tuple[int, np.dtype, tuple]]:
-        """``name -> (byte offset in the packed sample, dtype, shape)`` for ``label`` and ``index``
-        and, with labels, the record's ``scores``, ``class_ids``, ``scale`` and ``offset``."""
+        """``name -> (byte offset in the packed sample, dtype, shape)``: ``label``, ``index``; for
+        training the ``AUGMENT_FIELDS``; with labels the record's ``scores``, ``class_ids``,
+        ``scale`` and ``offset``."""
         fields = {"label": (0, np.dtype(np.int64), ()), "index": (8, np.dtype(np.int64), ())}
+        groups = []
+        if self.augment is not None:
+            groups.append((PACKED_HEAD, AUGMENT_DTYPE, AUGMENT_FIELDS))
         if self.with_labels:
-            record = self.geometry.record_dtype
-            for name in ("scores", "class_ids", "scale", "offset"):
+            groups.append((self._record_start, self.geometry.record_dtype, ("scores", "class_ids", "scale", "offset")))
+        for start, record, names in groups:
+            for name in names:
                 dtype, offset = record.fields[name][:2]
-                fields[name] = (PACKED_HEAD + offset, dtype.base, dtype.shape)
+                fields[name] = (start + offset, dtype.base, dtype.shape)
         return fields
 
-    def sample(self, sample_info) -> Sample:
-        """The sample of ``sample_info``'s slot (``idx_in_epoch``, ``epoch_idx``) as separate fields."""
-        slots = self._slots(self.start_epoch + sample_info.epoch_idx)
-        if sample_info.idx_in_epoch >= len(slots):
-            raise StopIteration
-        slot = int(slots[sample_info.idx_in_epoch])
-        # Masked padding still carries a real image, so the decoder sees nothing special.
-        delivered, data = self._good_sample(max(slot, 0))
-        label, index = (int(self.labels[delivered]), delivered) if slot >= 0 else (-1, -1)
-        record = None
-        if self.with_labels:
-            if self._reader is None:
-                self._reader = LabelShardReader(self.label_root)
-            record = self._reader.record_bytes(int(self.record_numbers[delivered]))
-        return Sample(np.frombuffer(data, dtype=np.uint8), label, index, record)
-
     def pack(self, sample: Sample) -> np.ndarray:
-        """One uint8 array for everything but the image: int64 label, int64 sample index, then the
-        stored label record's bytes as they are in the shard. Every array a parallel source
-        returns costs its workers and the pipeline a fixed overhead per sample, several times
-        that of copying a 4.5 KB record, so a sample travels as two arrays with or without labels."""
+        """One uint8 array for everything but the image: int64 label, int64 sample index, the
+        augmentation parameters, then the stored label record's bytes as they are in the shard.
+        Every array a parallel source returns costs its workers and the pipeline a fixed
+        overhead per sample, several times that of copying a 4.5 KB record, so a sample travels
+        as two arrays."""
         packed = np.empty(self.packed_size, dtype=np.uint8)
         packed[:PACKED_HEAD].view(np.int64)[:] = (sample.label, sample.index)
+        if sample.augment is not None:
+            a = sample.augment
+            packed[PACKED_HEAD:self._record_start].view(AUGMENT_DTYPE)[0] = (
+                (a.top, a.left), (a.height, a.width), a.box, int(a.mirror), *a.jitter, a.lighting)
         if sample.record is not None:
-            packed[PACKED_HEAD:] = sample.record
+            packed[self._record_start:] = sample.record
         return packed
 
     def unpack(self, packed: np.ndarray) -> tuple[int, int, LabelRecord | None]:
@@ -319,10 +440,29 @@ class SampleSource:
         label, index = packed[:PACKED_HEAD].view(np.int64).tolist()
         if not self.with_labels:
             return label, index, None
-        row = packed[PACKED_HEAD:].view(self.geometry.record_dtype)[0]
+        row = packed[self._record_start:].view(self.geometry.record_dtype)[0]
         return label, index, LabelRecord(row["scores"], row["class_ids"], float(row["scale"]), float(row["offset"]))
 
+    # ---- the callable ---------------------------------------------------------------------
+    def sample(self, sample_info) -> Sample:
+        """The sample of ``sample_info``'s slot (``idx_in_epoch``, ``epoch_idx``) as separate fields."""
+        epoch = self.start_epoch + sample_info.epoch_idx
+        slots = self._slots(epoch)
+        position = sample_info.idx_in_epoch
+        if position >= len(slots):
+            raise StopIteration
+        slot = int(slots[position])
+        # Masked padding still carries a real image, so the decoder sees nothing special.
+        delivered, data, size, record = self._good_sample(max(slot, 0))
+        label, index = (self.listing.label(delivered), delivered) if slot >= 0 else (-1, -1)
+        augment = None if self._draws is None else self._draws(epoch, position, *size)
+        return Sample(np.frombuffer(data, dtype=np.uint8), label, index, record, augment)
+
     def __call__(self, sample_info):
+        if not self._worker_ready:
+            if os.getpid() != self._owner:
+                _die_with_parent()
+            self._worker_ready = True
         sample = self.sample(sample_info)
         return sample.image, self.pack(sample)
 
@@ -332,32 +472,78 @@ class SampleSource:
         return self._slots_cache
 
     def read_encoded(self, index: int) -> tuple[bytes, str | None]:
-        path = self.root / self.paths[index]
+        path = self.listing.root / self.listing.path(index)
         try:
             data = path.read_bytes()
         except OSError as error:
             return b"", f"unreadable ({error.strerror})"
         return data, encoded_problem(data)
 
-    def _good_sample(self, index: int) -> tuple[int, bytes]:
+    def _read(self, index: int):
+        """(bytes, (height, width) or None, record or None, problem or None) of sample ``index``."""
         data, problem = self.read_encoded(index)
+        size = record = None
+        if problem is None and self.augment is not None:
+            try:
+                size = image_size(data, exif=self.augment.exif)
+            except ValueError as error:
+                problem = str(error)
+        if problem is None and self.with_labels:
+            record, problem = self._record(index)
+        return data, size, record, problem
+
+    def _record(self, index: int) -> tuple[np.ndarray, str | None]:
+        if self._reader is None:
+            self._reader = LabelShardReader(self.label_root)
+        number = int(self.listing.record_numbers[index])
+        stored = self._reader.record(number)
+        problem = None
+        if stored.scores.dtype != np.uint8 and not np.isfinite(stored.scores).all():
+            problem = "non-finite label score"
+        elif stored.class_ids.max(initial=0) >= self.geometry.num_classes:
+            problem = f"class id {int(stored.class_ids.max())} outside the {self.geometry.num_classes} classes"
+        if problem is not None:
+            problem = f"label record {number} (key {self.listing.key(index)!r}) in {self.label_root}: {problem}"
+        return self._reader.record_bytes(number), problem
+
+    def _good_sample(self, index: int):
+        data, size, record, problem = self._read(index)
         if problem is None:
-            return index, data
-        message = f"{self.root / self.paths[index]}: {problem}"
+            return index, data, size, record
+        message = f"{self.listing.root / self.listing.path(index)}: {problem}"
         if self.on_bad_sample == "fail":
             raise BadSampleError(message + " (on_bad_sample='skip' substitutes another sample)")
-        n = len(self.paths)
+        n = len(self.listing)
         for step in range(1, n):
             candidate = (index + step) % n
-            data, other = self.read_encoded(candidate)
+            data, size, record, other = self._read(candidate)
             if other is None:
-                log.warning("%s: substituted by %s", message, self.paths[candidate])
-                return candidate, data
-        raise BadSampleError(f"{self.root}: no readable image left to substitute for {self.paths[index]}")
+                log.warning("%s: substituted by %s", message, self.listing.path(candidate))
+                return candidate, data, size, record
+        raise BadSampleError(f"{self.listing.root}: no readable sample left to substitute for "
+                             f"{self.listing.path(index)}")
 
     # Workers reopen the label mapping themselves: a pickled mmap would travel as a full copy.
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_reader"], state["_cached_epoch"] = None, None
+        state["_reader"], state["_cached_epoch"], state["_worker_ready"] = None, None, False
         state.pop("_slots_cache", None)
         return state
+
+
+def _die_with_parent() -> None:
+    """Asks Linux to kill this worker process when its parent dies, so workers never outlive a
+    killed trainer (SIGKILL included). A no-op elsewhere."""
+    import signal
+
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)

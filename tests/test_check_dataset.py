@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_sources import encode, gradient_image, make_dataset
+from conftest import encode, gradient_image, make_dataset
 
 from relabel_dali import LabelShardReader
 

@@ -1,17 +1,23 @@
 """The PyTorch loaders, CPU-only with parallel workers: batch dicts, epoch coverage over ranks,
 set_epoch, validation masking, bad samples."""
-import importlib.util
-
-import numpy as np
 import pytest
 import torch
-from test_sources import NUM_CLASSES, make_dataset
+from conftest import NUM_CLASSES, make_dataset
 
+from relabel_dali.config import ConfigError
 from relabel_dali.loader import build_train_loader, build_val_loader
-from relabel_dali.sources import BadSampleError
+from relabel_dali.settings import Dataset, Labels, Runtime, TrainAugment, ValTransform
 
-HAVE_LABEL_POOL = importlib.util.find_spec("relabel_dali.ops") is not None
-COMMON = dict(image_size=32, num_classes=NUM_CLASSES, num_threads=1, py_workers=1)
+RUNTIME = Runtime(num_threads=1, py_workers=1)
+AUGMENT = TrainAugment(image_size=32)
+
+
+def train_loader(image_root, label_root=None, *, batch_size, on_bad_sample="fail", num_classes=NUM_CLASSES,
+                 runtime=RUNTIME, augment=AUGMENT, **kwargs):
+    dataset = Dataset(image_root, num_classes=num_classes, on_bad_sample=on_bad_sample)
+    labels = Labels(label_root) if label_root is not None else None
+    return build_train_loader(dataset, batch_size=batch_size, labels=labels, augment=augment, runtime=runtime,
+                              **kwargs)
 
 
 def indices_of_epoch(loader):
@@ -27,7 +33,7 @@ class TestTrainLoader:
     @pytest.mark.parametrize("dtype", ["float32", "float16"])
     def test_batch_dict(self, dataset, dtype):
         image_root, _, _ = dataset
-        loader = build_train_loader(image_root, batch_size=4, use_relabel=False, dtype=dtype, **COMMON)
+        loader = train_loader(image_root, batch_size=4, runtime=Runtime(num_threads=1, py_workers=1, dtype=dtype))
         assert len(loader) == 3
         batches = list(loader)
         assert len(batches) == 3
@@ -43,31 +49,30 @@ class TestTrainLoader:
         image_root, _, _ = dataset
         seen = []
         for rank in range(world_size):
-            loader = build_train_loader(image_root, batch_size=batch_size, rank=rank, world_size=world_size,
-                                        seed=5, use_relabel=False, **COMMON)
+            loader = train_loader(image_root, batch_size=batch_size, rank=rank, world_size=world_size, seed=5)
             assert len(loader) == 12 // (world_size * batch_size)
             seen += indices_of_epoch(loader)
         assert sorted(seen) == list(range(12))
 
     def test_orders_differ_between_epochs_and_repeat_for_a_seed(self, dataset):
         image_root, _, _ = dataset
-        loader = build_train_loader(image_root, batch_size=4, seed=11, use_relabel=False, **COMMON)
+        loader = train_loader(image_root, batch_size=4, seed=11)
         epochs = [indices_of_epoch(loader) for _ in range(3)]
         assert loader.epoch == 3
         assert len({tuple(e) for e in epochs}) == 3 and all(sorted(e) == list(range(12)) for e in epochs)
-        again = build_train_loader(image_root, batch_size=4, seed=11, use_relabel=False, **COMMON)
+        again = train_loader(image_root, batch_size=4, seed=11)
         assert indices_of_epoch(again) == epochs[0]
-        other = build_train_loader(image_root, batch_size=4, seed=12, use_relabel=False, **COMMON)
+        other = train_loader(image_root, batch_size=4, seed=12)
         assert indices_of_epoch(other) != epochs[0]
         # Resuming at an epoch boundary, by set_epoch or by start_epoch, replays that epoch's order.
         again.set_epoch(2)
         assert indices_of_epoch(again) == epochs[2] and again.epoch == 3
-        resumed = build_train_loader(image_root, batch_size=4, seed=11, use_relabel=False, start_epoch=1, **COMMON)
+        resumed = train_loader(image_root, batch_size=4, seed=11, start_epoch=1)
         assert indices_of_epoch(resumed) == epochs[1]
 
     def test_abandoned_epoch_restarts_cleanly(self, dataset):
         image_root, _, _ = dataset
-        loader = build_train_loader(image_root, batch_size=4, seed=2, use_relabel=False, **COMMON)
+        loader = train_loader(image_root, batch_size=4, seed=2)
         full = indices_of_epoch(loader)
         loader.set_epoch(0)
         next(iter(loader))
@@ -76,28 +81,46 @@ class TestTrainLoader:
 
     def test_pad_policy_with_a_remainder(self, dataset):
         image_root, _, _ = dataset
-        loader = build_train_loader(image_root, batch_size=5, use_relabel=False, **COMMON)
+        loader = train_loader(image_root, batch_size=5)
         seen = indices_of_epoch(loader)
         assert len(seen) == 15 and set(seen) == set(range(12))
 
-    @pytest.mark.skipif(not HAVE_LABEL_POOL, reason="relabel_dali.ops (the LabelPool operator) is not in the tree")
     def test_soft_targets(self, dataset):
         image_root, label_root, _ = dataset
-        loader = build_train_loader(image_root, label_root, batch_size=4, use_relabel=True, **COMMON)
+        loader = train_loader(image_root, label_root, batch_size=4)
         for batch in loader:
             assert torch.allclose(batch["targets"].sum(1), torch.ones(4), atol=1e-5)
             assert not torch.equal(batch["targets"], torch.nn.functional.one_hot(batch["labels"], NUM_CLASSES).float())
 
     def test_bad_arguments(self, dataset):
         image_root, label_root, _ = dataset
-        with pytest.raises(ValueError, match="use_relabel=True needs label_root"):
-            build_train_loader(image_root, batch_size=4, use_relabel=True, **COMMON)
-        with pytest.raises(ValueError, match="label maps cover 16 classes, num_classes is 1000"):
-            build_train_loader(image_root, label_root, batch_size=4, **{**COMMON, "num_classes": 1000})
-        with pytest.raises(ValueError, match="class_map gives index 2, outside num_classes=2"):
-            build_train_loader(image_root, batch_size=4, use_relabel=False, **{**COMMON, "num_classes": 2})
+        with pytest.raises(ConfigError, match="label maps cover 16 classes, data.num_classes is 1000"):
+            train_loader(image_root, label_root, batch_size=4, num_classes=1000)
+        with pytest.raises(ConfigError, match="class_map gives index 2, outside data.num_classes=2"):
+            train_loader(image_root, batch_size=4, num_classes=2)
         with pytest.raises(ValueError, match="device mps: expected 'cpu' or 'cuda"):
-            build_train_loader(image_root, batch_size=4, use_relabel=False, device="mps", **COMMON)
+            Runtime(device="mps")
+
+    def test_one_pipeline_serves_every_epoch_and_a_resume_replays_them(self, dataset):
+        # Epochs 0-2 of one run == epoch 2 of a loader started there, value for value: images
+        # (crop, flip, jitter, lighting), boxes, pooled targets, labels, indices.
+        image_root, label_root, _ = dataset
+        loader = train_loader(image_root, label_root, batch_size=4, seed=9)
+        epochs = [[{k: v.clone() for k, v in batch.items()} for batch in loader] for _ in range(3)]
+        assert loader.builds == 1 and loader.epoch == 3
+        resumed = train_loader(image_root, label_root, batch_size=4, seed=9, start_epoch=2)
+        replay = list(resumed)
+        assert len(replay) == len(epochs[2]) == 3
+        for ours, theirs in zip(epochs[2], replay):
+            assert ours.keys() == theirs.keys()
+            for name in ours:
+                assert torch.equal(ours[name], theirs[name]), name
+        # ... and the epochs differ from each other in their augmentation, not only in order.
+        first = {int(i): box for i, box in zip(torch.cat([b["indices"] for b in epochs[0]]),
+                                                 torch.cat([b["boxes"] for b in epochs[0]]))}
+        second = {int(i): box for i, box in zip(torch.cat([b["indices"] for b in epochs[1]]),
+                                                  torch.cat([b["boxes"] for b in epochs[1]]))}
+        assert all(not torch.equal(first[i], second[i]) for i in first)
 
 
 class TestBadSamples:
@@ -105,7 +128,7 @@ class TestBadSamples:
         image_root, _, _ = make_dataset(tmp_path, labels=False)
         bad = image_root / "c1" / "img0.JPEG"
         bad.write_bytes(bad.read_bytes()[:150])
-        loader = build_train_loader(image_root, batch_size=4, use_relabel=False, **COMMON)
+        loader = train_loader(image_root, batch_size=4)
         with pytest.raises(Exception, match=r"c1/img0.JPEG: truncated JPEG"):
             list(loader)
 
@@ -115,8 +138,7 @@ class TestBadSamples:
         (image_root / "c0" / "img3.JPEG").write_bytes(b"")
         lengths, substituted, seen = set(), 0, []
         for rank in range(world_size):
-            loader = build_train_loader(image_root, batch_size=2, rank=rank, world_size=world_size,
-                                        use_relabel=False, on_bad_sample="skip", **COMMON)
+            loader = train_loader(image_root, batch_size=2, rank=rank, world_size=world_size, on_bad_sample="skip")
             indices = indices_of_epoch(loader)
             lengths.add(len(indices))
             substituted += loader.substituted
@@ -131,8 +153,8 @@ class TestValLoader:
         image_root, _, _ = dataset
         seen, lengths = [], set()
         for rank in range(world_size):
-            loader = build_val_loader(image_root, batch_size=batch_size, rank=rank, world_size=world_size,
-                                      image_size=32, num_threads=1, py_workers=1)
+            loader = build_val_loader(Dataset(image_root, num_classes=NUM_CLASSES), batch_size=batch_size, rank=rank,
+                                      world_size=world_size, transform=ValTransform(image_size=32), runtime=RUNTIME)
             batches = list(loader)
             lengths.add(len(batches))
             assert len(batches) == len(loader)

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_sources import K, NUM_CLASSES, encode, gradient_image, make_dataset
+from conftest import LUMA, NUM_CLASSES, STEPS, encode, jitter_step_by_step, make_dataset, pil_resize
 
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines.training import colour_transform, training_pipeline
 from pipelines.validation import validation_pipeline
 from relabel_dali import LabelShardReader, augment
+from relabel_dali.settings import Runtime, TrainAugment, ValTransform
 from relabel_dali.sources import SampleSource
 
 MEAN = np.array(augment.IMAGENET_MEAN, np.float32)[:, None, None] * 255
@@ -40,24 +41,19 @@ def pixels(images):
     return images.astype(np.float32) * STD + MEAN
 
 
-def plain(source, **kwargs):
-    settings = dict(batch_size=4, num_threads=1, device_id=None, seed=7, image_size=32, use_relabel=False,
-                    num_classes=NUM_CLASSES, color_jitter=0.0, lighting_std=0.0, flip=False, py_workers=0)
-    settings.update(kwargs)
-    return training_pipeline(source, **settings)
+def plain(image_root, label_root=None, *, batch_size=4, seed=7, dtype="float32", fused=None, pool_mode="softmax",
+          **augment):
+    """A training graph over ``image_root`` with its source, in the pipeline's thread; augmentation
+    off unless asked for."""
+    settings = dict(image_size=32, color_jitter=0.0, lighting_std=0.0, flip=False)
+    settings.update(augment)
+    augment = TrainAugment(**settings)
+    source = SampleSource(image_root, label_root, batch_size=batch_size, seed=seed, augment=augment)
+    return training_pipeline(source, augment, Runtime(num_threads=1, py_workers=0, dtype=dtype),
+                             num_classes=NUM_CLASSES, pool_mode=pool_mode, fused=fused)
 
 
 NAMES = ("images", "boxes", "targets", "labels", "indices")
-
-
-def pil_resize(image: Image.Image, size, order: str = "horizontal_first") -> Image.Image:
-    """PIL's bilinear resize with its two passes in a given order. One-axis resizes are single
-    passes, so chaining two is exactly what PIL's two-pass resize does (before Pillow 13 always
-    horizontal first; Pillow 13 picks the order by the shape)."""
-    w, h = size
-    if order == "horizontal_first":
-        return image.resize((w, image.height), Image.BILINEAR).resize((w, h), Image.BILINEAR)
-    return image.resize((image.width, h), Image.BILINEAR).resize((w, h), Image.BILINEAR)
 
 
 class TestCropBoxes:
@@ -67,8 +63,7 @@ class TestCropBoxes:
         # The CPU graph's fused operator: each image must be PIL's bilinear resize of the box's
         # pixels, which pins the box to the pixel and the resize to PIL's bit for bit.
         image_root, _, keys = make_dataset(tmp_path, classes=2, per_class=6, labels=False)
-        source = SampleSource(image_root, batch_size=4, seed=1)
-        out = run_epoch(plain(source, flip=flip, dtype=dtype), NAMES)
+        out = run_epoch(plain(image_root, seed=1, flip=flip, dtype=dtype), NAMES)
         assert out["images"].dtype == np.dtype(dtype) and out["images"].shape == (12, 3, 32, 32)
         flips = 0
         for image, box, index in zip(pixels(out["images"]), out["boxes"], out["indices"]):
@@ -89,8 +84,7 @@ class TestCropBoxes:
     def test_boxes_are_the_decoded_crop_dali_resize(self, tmp_path, flip):
         # fused=False (the GPU graph's operators, run on the CPU): DALI's own resize.
         image_root, _, keys = make_dataset(tmp_path, classes=2, per_class=6, labels=False)
-        source = SampleSource(image_root, batch_size=4, seed=1)
-        out = run_epoch(plain(source, flip=flip, fused=False), NAMES)
+        out = run_epoch(plain(image_root, seed=1, flip=flip, fused=False), NAMES)
         assert out["images"].shape == (12, 3, 32, 32)
         flips = 0
         for image, box, index in zip(pixels(out["images"]), out["boxes"], out["indices"]):
@@ -112,8 +106,7 @@ class TestCropBoxes:
 
     def test_area_and_ratio_ranges_hold(self, tmp_path):
         image_root, _, _ = make_dataset(tmp_path, classes=2, per_class=6, labels=False, size=(200, 200))
-        source = SampleSource(image_root, batch_size=4, seed=2)
-        out = run_epoch(plain(source, random_area=(0.25, 0.5), random_aspect_ratio=(0.5, 2.0)), NAMES)
+        out = run_epoch(plain(image_root, seed=2, random_area=(0.25, 0.5), random_aspect_ratio=(0.5, 2.0)), NAMES)
         boxes = out["boxes"].astype(np.float64)
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         assert np.all((area > 0.23) & (area < 0.52))
@@ -122,8 +115,7 @@ class TestCropBoxes:
 class TestTargets:
     def test_one_hot_without_relabel(self, tmp_path):
         image_root, _, _ = make_dataset(tmp_path, labels=False)
-        source = SampleSource(image_root, batch_size=4, seed=0)
-        out = run_epoch(plain(source), NAMES)
+        out = run_epoch(plain(image_root, seed=0), NAMES)
         expected = np.eye(NUM_CLASSES, dtype=np.float32)[out["labels"]]
         assert np.array_equal(out["targets"], expected)
         assert sorted(out["indices"].tolist()) == list(range(8))
@@ -135,8 +127,7 @@ class TestTargets:
         from relabel_dali.pooling import pool_labels
 
         image_root, label_root, keys = make_dataset(tmp_path, score_dtype=score_dtype)
-        source = SampleSource(image_root, label_root, batch_size=4, seed=0)
-        out = run_epoch(plain(source, use_relabel=True, pool_mode=mode), NAMES)
+        out = run_epoch(plain(image_root, label_root, seed=0, pool_mode=mode), NAMES)
         reader = LabelShardReader(label_root)
         records = [reader.record(keys[index]) for index in out["indices"]]
         expected = pool_labels(torch.from_numpy(np.stack([r.scores for r in records])),
@@ -147,23 +138,20 @@ class TestTargets:
         assert out["targets"].shape == (len(keys), NUM_CLASSES)
         np.testing.assert_allclose(out["targets"].sum(1), 1, atol=1e-5)
 
-    def test_relabel_needs_label_shards(self, tmp_path):
+    def test_source_and_graph_must_agree_on_augmentation(self, tmp_path):
         image_root, _, _ = make_dataset(tmp_path, labels=False)
-        source = SampleSource(image_root, batch_size=4)
-        with pytest.raises(ValueError, match="use_relabel=True needs a source with label shards"):
-            plain(source, use_relabel=True)
+        source = SampleSource(image_root, batch_size=4, augment=TrainAugment(image_size=32))
+        with pytest.raises(ValueError, match="other augmentation settings"):
+            training_pipeline(source, TrainAugment(image_size=64), Runtime(py_workers=0), num_classes=NUM_CLASSES)
 
     @pytest.mark.parametrize("argument,value,message", [
         ("dtype", "int8", "dtype 'int8'"), ("pool_mode", "mean", "pool_mode 'mean'")])
     def test_bad_arguments(self, tmp_path, argument, value, message):
         image_root, _, _ = make_dataset(tmp_path, labels=False)
         with pytest.raises(ValueError, match=message):
-            plain(SampleSource(image_root, batch_size=4), **{argument: value})
+            plain(image_root, **{argument: value})
 
 
-# PIL's "L" conversion: L = R * 299/1000 + G * 587/1000 + B * 114/1000.
-LUMA = np.array([0.299, 0.587, 0.114])
-STEPS = ("brightness", "contrast", "saturation")
 # DALI's saturation goes through YIQ with rounded constants: up to ~0.3 grey levels off the exact
 # map, less than the official path's own rounding to whole grey levels after every step.
 GREY_LEVEL = 1 / (255 * min(augment.IMAGENET_STD))  # one grey level, normalized
@@ -186,21 +174,6 @@ def run_colour_transform(images, params, fold=None):
     pipe.build()
     (out,) = pipe.run()
     return [np.array(out[i]).transpose(1, 2, 0) for i in range(len(images))]
-
-
-def jitter_step_by_step(image, b, c, s, rgb, order):
-    """The three jitter maps applied one after another in ``order`` (no clipping), then lighting
-    and normalization, in float64: [H, W, 3] normalized."""
-    x = image.reshape(-1, 3).astype(np.float64)
-    for step in order:
-        if step == "brightness":
-            x = b * x
-        elif step == "contrast":
-            x = c * x + (1 - c) * (x @ LUMA).mean()
-        else:
-            x = s * x + (1 - s) * (x @ LUMA)[:, None]
-    x = (x + 255 * np.asarray(rgb) - 255 * np.array(augment.IMAGENET_MEAN)) / (255 * np.array(augment.IMAGENET_STD))
-    return x.reshape(image.shape)
 
 
 def flat_images(root, colour, count, shape):
@@ -268,8 +241,7 @@ class TestColourTransform:
         # On a flat image the output grey is b * grey (contrast about the image's own mean and
         # saturation keep the grey), and the chroma is scaled by b * c * s.
         colour = np.array([150.0, 90.0, 60.0])
-        source = SampleSource(flat_images(tmp_path, colour, 16, (20, 24)), batch_size=8, seed=5)
-        out = run_epoch(plain(source, batch_size=8, image_size=8, color_jitter=0.4, dtype=dtype), NAMES)
+        out = run_epoch(plain(flat_images(tmp_path, colour, 16, (20, 24)), batch_size=8, seed=5, image_size=8, color_jitter=0.4, dtype=dtype), NAMES)
         x = pixels(out["images"]).reshape(16, 3, -1).astype(np.float64)
         assert np.ptp(x, axis=2).max() < 0.5  # one affine map per image: a flat image stays flat
         x = x.mean(axis=2)
@@ -288,8 +260,7 @@ class TestColourTransform:
         # alpha must give independent N(0, 0.1) coefficients (a wrong basis orientation would mix
         # eigenvalues 0.2175 and 0.0045 and blow the smallest component's spread up or down).
         colour = np.array([120.0, 100.0, 80.0])
-        source = SampleSource(flat_images(tmp_path, colour, 64, (12, 12)), batch_size=16, seed=9)
-        out = run_epoch(plain(source, batch_size=16, image_size=8, lighting_std=0.1), NAMES)
+        out = run_epoch(plain(flat_images(tmp_path, colour, 64, (12, 12)), batch_size=16, seed=9, image_size=8, lighting_std=0.1), NAMES)
         x = pixels(out["images"]).reshape(64, 3, -1).astype(np.float64)
         assert np.ptp(x, axis=2).max() < 1e-3
         basis = np.array(augment.PCA_EIGVEC) * np.array(augment.PCA_EIGVAL)
@@ -308,8 +279,7 @@ class TestAwkwardFiles:
         (tmp_path / "c0").mkdir()
         (tmp_path / "c0" / name).write_bytes(encode(smooth, fmt, mode))
         reference = np.array(Image.open(tmp_path / "c0" / name).convert("RGB"), np.float32).transpose(2, 0, 1)
-        source = SampleSource(tmp_path, batch_size=1)
-        out = run_epoch(plain(source, batch_size=1, image_size=64, random_area=(1, 1),
+        out = run_epoch(plain(tmp_path, batch_size=1, image_size=64, random_area=(1, 1),
                               random_aspect_ratio=(1, 1)), NAMES)
         assert np.allclose(out["boxes"][0], [0, 0, 1, 1])
         assert np.abs(pixels(out["images"])[0] - reference).max() < 1.5
@@ -324,8 +294,7 @@ class TestValidation:
 
         image_root, _, keys = make_dataset(tmp_path, classes=1, per_class=1, labels=False, size=size)
         source = SampleSource(image_root, batch_size=2, shuffle=False, remainder="mask")
-        pipe = validation_pipeline(source, batch_size=2, num_threads=1, device_id=None, image_size=28,
-                                   py_workers=0)
+        pipe = validation_pipeline(source, ValTransform(image_size=28), Runtime(num_threads=1, py_workers=0))
         out = run_epoch(pipe, ("images", "labels", "indices"))
         assert out["indices"].tolist() == [0, -1] and out["labels"].tolist() == [0, -1]
         reference = transforms.Compose([transforms.Resize(int(np.ceil(28 / 0.875))), transforms.CenterCrop(28)])
@@ -335,8 +304,6 @@ class TestValidation:
             # Resize filters differ a little at the borders; the interior of a ramp must agree.
             assert np.abs(image - expected)[:, 2:-2, 2:-2].max() < 2.5
 
-    def test_bad_crop_ratio(self, tmp_path):
-        image_root, _, _ = make_dataset(tmp_path, labels=False)
+    def test_bad_crop_ratio(self):
         with pytest.raises(ValueError, match="crop_ratio must be in"):
-            validation_pipeline(SampleSource(image_root, batch_size=2), batch_size=2, num_threads=1,
-                                device_id=None, crop_ratio=1.5)
+            ValTransform(crop_ratio=1.5)

@@ -5,7 +5,7 @@ import numpy as np
 import PIL
 import pytest
 from PIL import Image
-from test_pipelines import LUMA, STEPS, jitter_step_by_step, pil_resize
+from conftest import LUMA, STEPS, jitter_step_by_step, pil_resize
 
 from nvidia.dali import fn, pipeline_def, types
 

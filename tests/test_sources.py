@@ -1,72 +1,21 @@
-"""Sample source: listing, class maps, epoch layout, encoded-image checks, the worker callable.
-
-``make_dataset`` is shared with the pipeline, loader and check_dataset tests.
-"""
+"""Sample source: listing, class maps, epoch layout, encoded-image checks, the worker callable."""
 import io
+import itertools
 import json
 import pickle
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+from conftest import encode, gradient_image, info, make_dataset
 from PIL import Image
 
 from relabel_dali import LabelShardReader, LabelShardWriter
-from relabel_dali.sources import (BadSampleError, SampleSource, encoded_problem, epoch_permutation,
-                                  list_images, load_class_map, rank_slots)
-
-K, MAP_H, MAP_W, NUM_CLASSES = 3, 5, 6, 16
-
-
-def gradient_image(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """R = x, G = y (pixels), B a per-image constant: colours name their coordinates."""
-    y, x = np.mgrid[0:height, 0:width]
-    blue = np.full_like(x, 40 + 20 * (seed % 8))
-    return np.stack([x, y, blue], axis=-1).astype(np.uint8)
-
-
-def encode(array: np.ndarray, fmt: str = "JPEG", mode: str = "RGB") -> bytes:
-    buffer = io.BytesIO()
-    image = Image.fromarray(array).convert(mode)
-    image.save(buffer, fmt, **({"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}))
-    return buffer.getvalue()
-
-
-def label_map(i: int):
-    rng = np.random.default_rng(1000 + i)
-    scores = -np.sort(-rng.normal(0, 2, (K, MAP_H, MAP_W)), axis=0).astype(np.float32)
-    class_ids = np.argsort(rng.random((NUM_CLASSES, MAP_H, MAP_W)), axis=0)[:K]
-    return scores, class_ids
-
-
-def make_dataset(root, *, classes=2, per_class=4, size=(48, 64), labels=True, score_dtype="float16",
-                 extra_records=(), skip_records=()):
-    """``root/images/c<j>/img<i>.JPEG`` gradient photos and, with ``labels``, packed shards in
-    ``root/labels``. Returns (image_root, label_root or None, keys)."""
-    image_root = root / "images"
-    keys = []
-    for j in range(classes):
-        (image_root / f"c{j}").mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            n = j * per_class + i
-            h, w = size
-            (image_root / f"c{j}" / f"img{i}.JPEG").write_bytes(encode(gradient_image(h + 4 * n, w + 2 * n, n)))
-            keys.append(f"c{j}/img{i}")
-    if not labels:
-        return image_root, None, keys
-    label_root = root / "labels"
-    writer = LabelShardWriter(label_root, k=K, height=MAP_H, width=MAP_W, num_classes=NUM_CLASSES,
-                              score_dtype=score_dtype)
-    with writer.shard("labels-00000") as shard:
-        for n, key in enumerate(list(keys) + list(extra_records)):
-            if key not in skip_records:
-                shard.add(key, *label_map(n))
-    writer.finalize()
-    return image_root, label_root, keys
-
-
-def info(idx, epoch=0):
-    return SimpleNamespace(idx_in_epoch=idx, epoch_idx=epoch)
+from relabel_dali.augment import AugmentDraws, random_resized_crop_window
+from relabel_dali.encoded import image_size
+from relabel_dali.settings import TrainAugment
+from relabel_dali.sources import (AUGMENT_FIELDS, BadSampleError, Listing, SampleSource, encoded_problem,
+                                  epoch_permutation, list_images, load_class_map, rank_slots)
 
 
 class TestListing:
@@ -109,6 +58,31 @@ class TestListing:
         (tmp_path / "bad.json").write_text("{not json")
         with pytest.raises(ValueError, match="bad.json: unreadable"):
             load_class_map(tmp_path / "bad.json", ["a"])
+
+    def test_compact_arrays_round_trip(self, tmp_path):
+        paths = ["b/x.JPEG", "a/y.png", "a/z.tar.JPEG", "a/sub/w.jpg", "b/ü.JPEG", "a/noext"]
+        listing = Listing.from_paths(tmp_path, paths)
+        assert listing.paths == sorted(paths)
+        assert listing.keys == [p.rsplit(".", 1)[0] if "." in p.split("/")[-1] else p for p in sorted(paths)]
+        assert listing.labels.tolist() == [0, 0, 0, 0, 1, 1]  # the class is the first folder
+        # No per-sample Python objects: a few arrays whatever the size.
+        assert all(isinstance(getattr(listing, name), np.ndarray)
+                   for name in ("dir_ids", "suffix_ids", "stems", "stem_offsets"))
+        clone = pickle.loads(pickle.dumps(listing))
+        assert clone.paths == listing.paths
+        kept = listing.subset(np.array([True, False, True, False, True, False]))
+        assert kept.paths == [listing.path(i) for i in (0, 2, 4)] and kept.labels.tolist() == [0, 0, 1]
+
+    def test_pickle_is_small(self, tmp_path):
+        # ImageNet-like names: the listing must pickle to about its stems' bytes, not per object.
+        paths = [f"n{c:08d}/n{c:08d}_{i}.JPEG" for c in range(50) for i in range(200)]
+        listing = Listing.from_paths(tmp_path, paths)
+        stems = sum(len(p.split("/")[1]) - len(".JPEG") for p in paths)
+        assert len(pickle.dumps(listing)) < stems + 12 * len(paths)
+
+    def test_file_entry_outside_a_class_folder(self, tmp_path):
+        with pytest.raises(ValueError, match="'loose.JPEG' is not inside a class folder"):
+            Listing.from_paths(tmp_path, ["loose.JPEG"])
 
     def test_empty_and_missing_root(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="not a folder"):
@@ -183,6 +157,82 @@ class TestEncodedProblem:
         assert message in encoded_problem(data)
 
 
+class TestImageSize:
+    @pytest.mark.parametrize("fmt,mode,options", [("JPEG", "RGB", {}), ("JPEG", "RGB", {"progressive": True}),
+                                                  ("JPEG", "CMYK", {}), ("JPEG", "L", {}), ("PNG", "RGB", {}),
+                                                  ("BMP", "RGB", {}), ("WEBP", "RGB", {})])
+    @pytest.mark.parametrize("size", [(37, 91), (600, 17), (1, 1)])
+    def test_header_size_equals_pil(self, fmt, mode, options, size):
+        buffer = io.BytesIO()
+        Image.fromarray(gradient_image(*size)).convert(mode).save(buffer, fmt, **options)
+        with Image.open(io.BytesIO(buffer.getvalue())) as image:
+            assert image_size(buffer.getvalue()) == (image.height, image.width) == size
+
+    @pytest.mark.parametrize("orientation,expected", [(1, (30, 50)), (3, (30, 50)), (6, (50, 30)), (8, (50, 30))])
+    def test_exif_orientation(self, orientation, expected):
+        image = Image.fromarray(gradient_image(30, 50))
+        exif = image.getexif()
+        exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", exif=exif.tobytes())
+        assert image_size(buffer.getvalue()) == (30, 50)
+        assert image_size(buffer.getvalue(), exif=True) == expected
+
+    def test_no_size_in_header(self):
+        with pytest.raises(ValueError, match="no image size in the header"):
+            image_size(b"\xff\xd8\xff\xe0\x00\x10JFIF" + b"\0" * 20)
+
+
+class TorchDraws:
+    """The draws torchvision's RandomResizedCrop.get_params makes, from torch's global generator."""
+
+    def uniform(self, low, high):
+        return torch.empty(1).uniform_(low, high).item()
+
+    def integers(self, low, high):
+        return int(torch.randint(low, high, size=(1,)).item())
+
+
+class TestAugmentDraws:
+    @pytest.mark.parametrize("size", [(375, 500), (500, 375), (20, 300), (300, 20), (7, 7), (1000, 50)])
+    @pytest.mark.parametrize("scale", [(0.08, 1.0), (0.9, 1.0), (1.0, 1.0)])
+    def test_crop_window_is_torchvisions(self, size, scale):
+        from torchvision.transforms import RandomResizedCrop
+
+        for seed in range(60):
+            torch.manual_seed(seed)
+            expected = RandomResizedCrop.get_params(torch.empty(3, *size), list(scale), [3 / 4, 4 / 3])
+            torch.manual_seed(seed)
+            assert random_resized_crop_window(TorchDraws(), *size, scale, (3 / 4, 4 / 3)) == tuple(expected)
+
+    def test_a_pure_function_of_seed_rank_epoch_slot(self):
+        draws = AugmentDraws(seed=4, rank=1)
+        slots = [0, 5, 1023, 1024, 3000]
+        forward = [draws(2, slot, 375, 500) for slot in slots]
+        fresh = AugmentDraws(seed=4, rank=1)
+        assert [fresh(2, slot, 375, 500) for slot in reversed(slots)] == forward[::-1]
+        for other in (AugmentDraws(seed=5, rank=1)(2, 5, 375, 500), AugmentDraws(seed=4, rank=0)(2, 5, 375, 500),
+                      draws(3, 5, 375, 500)):
+            assert other != forward[1]
+
+    def test_parameters_follow_the_recipe(self):
+        draws = AugmentDraws(seed=0, rank=0, color_jitter=0.4, lighting_std=0.1)
+        samples = [draws(0, slot, 300, 400) for slot in range(4000)]
+        areas = np.array([s.height * s.width / (300 * 400) for s in samples])
+        jitter = np.array([s.jitter for s in samples])
+        lighting = np.array([s.lighting for s in samples])
+        assert 0.08 - 0.01 <= areas.min() and areas.max() <= 1.0
+        assert abs(np.mean([s.mirror for s in samples]) - 0.5) < 0.05
+        assert jitter.min() >= 0.6 and jitter.max() <= 1.4 and abs(jitter.mean() - 1) < 0.02
+        assert np.allclose(lighting.std(axis=0), 0.1, rtol=0.1) and np.abs(lighting.mean(axis=0)).max() < 0.01
+        for s in samples[:50]:
+            assert s.box == (s.left / 400, s.top / 300, (s.left + s.width) / 400, (s.top + s.height) / 300)
+
+    def test_off_switches(self):
+        sample = AugmentDraws(seed=0, rank=0, flip=False, color_jitter=0, lighting_std=0)(0, 3, 30, 40)
+        assert not sample.mirror and sample.jitter == (1.0, 1.0, 1.0) and sample.lighting == (0.0, 0.0, 0.0)
+
+
 class TestSampleSource:
     @pytest.mark.parametrize("score_dtype", ["float32", "float16", "uint8"])
     def test_outputs_are_the_stored_record(self, tmp_path, score_dtype):
@@ -243,14 +293,14 @@ class TestSampleSource:
         with pytest.raises(BadSampleError, match=r"1 image\(s\) under .* without a label record.*c1/img2.JPEG"):
             SampleSource(image_root, label_root, batch_size=2)
         source = SampleSource(image_root, label_root, batch_size=2, on_bad_sample="skip")
-        assert source.dropped == ["c1/img2.JPEG"] and "c1/img2" not in source.keys and len(source.paths) == 7
+        assert source.report.dropped == ["c1/img2.JPEG"] and "c1/img2" not in source.keys and len(source.listing) == 7
 
     def test_record_without_image(self, tmp_path):
         image_root, label_root, _ = make_dataset(tmp_path, extra_records=("c9/ghost",))
         with pytest.raises(BadSampleError, match=r"1 label record\(s\) without an image.*c9/ghost"):
             SampleSource(image_root, label_root, batch_size=2)
         source = SampleSource(image_root, label_root, batch_size=2, on_bad_sample="skip")
-        assert source.unused_records == ["c9/ghost"] and len(source.paths) == 8
+        assert source.report.unused_records == ["c9/ghost"] and len(source.listing) == 8
 
     def test_truncated_image_fail_and_skip(self, tmp_path):
         image_root, label_root, keys = make_dataset(tmp_path)
@@ -264,6 +314,56 @@ class TestSampleSource:
         reader = LabelShardReader(label_root)
         assert index == 2 and label == 0  # the next good sample stands in
         assert np.array_equal(record.scores, reader.record("c0/img2").scores)
+
+    def test_training_source_sends_its_augmentation(self, tmp_path):
+        image_root, label_root, keys = make_dataset(tmp_path)
+        augment = TrainAugment(image_size=16)
+        source = SampleSource(image_root, label_root, batch_size=2, seed=6, rank=0, augment=augment, start_epoch=1)
+        draws = AugmentDraws(seed=6, rank=0)
+        reader = LabelShardReader(label_root)
+        for position in range(len(source)):
+            image, packed = source(info(position, epoch=2))
+            index = source.unpack(packed)[1]
+            with Image.open(image_root / (keys[index] + ".JPEG")) as photo:
+                expected = draws(3, position, photo.height, photo.width)
+            fields = source.packed_fields
+            values = {name: packed[fields[name][0]:fields[name][0] + np.dtype(dtype).itemsize * int(np.prod(shape))]
+                      .view(dtype).reshape(shape) for name, (dtype, shape) in AUGMENT_FIELDS.items()}
+            assert values["anchor"].tolist() == [expected.top, expected.left]
+            assert values["crop_shape"].tolist() == [expected.height, expected.width]
+            assert np.allclose(values["box"], expected.box) and values["mirror"] == expected.mirror
+            assert np.allclose([values[n] for n in ("brightness", "contrast", "saturation")], expected.jitter)
+            assert np.allclose(values["lighting"], expected.lighting)
+            start, dtype, shape = fields["scores"]
+            scores = packed[start:start + dtype.itemsize * int(np.prod(shape))].view(dtype).reshape(shape)
+            assert np.array_equal(scores, reader.record(keys[index]).scores)
+
+    @pytest.mark.parametrize("bad", ["nan", "inf", "class_id"])
+    def test_bad_label_record_named_by_key(self, tmp_path, bad):
+        image_root, _, keys = make_dataset(tmp_path, labels=False)
+        label_root = tmp_path / "bad_labels"
+        writer = LabelShardWriter(label_root, k=2, height=2, width=2, num_classes=4, score_dtype="float32")
+        with writer.shard("labels-00000") as shard:
+            for n, key in enumerate(keys):
+                scores = np.ones((2, 2, 2), np.float32)
+                ids = np.stack([np.zeros((2, 2), np.int64), np.ones((2, 2), np.int64)])
+                shard.add(key, scores, ids)
+        writer.finalize()
+        # Damage record 3 in place, as a flipped byte or a bad writer would.
+        reader = LabelShardReader(label_root)
+        shard_path, record_size = reader.shard_paths[0], reader.geometry.record_dtype.itemsize
+        record = np.frombuffer(bytearray(shard_path.read_bytes()), np.uint8)
+        view = record[-len(reader) * record_size:].view(reader.geometry.record_dtype)
+        if bad == "class_id":
+            view[3]["class_ids"][0, 0, 0] = 9
+        else:
+            view[3]["scores"][0, 1, 1] = float(bad)
+        shard_path.write_bytes(record.tobytes())
+        source = SampleSource(image_root, label_root, batch_size=2, shuffle=False)
+        with pytest.raises(BadSampleError, match=rf"label record 3 \(key '{keys[3]}'\)"):
+            source(info(3))
+        skip = SampleSource(image_root, label_root, batch_size=2, shuffle=False, on_bad_sample="skip")
+        assert skip.unpack(skip(info(3))[1])[1] == 4
 
     def test_bad_arguments(self, tmp_path):
         image_root, _, _ = make_dataset(tmp_path, labels=False)

@@ -154,12 +154,11 @@ class TestCommandLine:
 
 
 class TestBuildData:
-    @pytest.mark.parametrize("reseed", ["True", "False"])
-    def test_fork_is_refused_on_the_gpu(self, tmp_path, reseed):
+    def test_fork_is_refused_on_the_gpu(self, tmp_path):
         # The second GPU pipeline would fork after the first initialised CUDA. The check comes
         # before any pipeline is built, so it runs without a GPU.
         cfg, _ = parse_command_line(["--data.data_path", str(tmp_path), "--data.relabel.use", "False",
-                                     "--data.start_method", "fork", "--data.reseed_per_epoch", reseed])
+                                     "--data.start_method", "fork"])
         env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
         with pytest.raises(ValueError, match="start_method fork cannot work on the GPU.*spawn"):
             build_data(cfg, env)

@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     only = set(args.only or "abc")
 
     from relabel_dali.loader import build_train_loader
+    from relabel_dali.settings import Labels, Runtime, TrainAugment
 
     results = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                            "processor": platform.processor(), "gpu": None}, "device": args.device,
@@ -95,18 +96,19 @@ def main(argv=None) -> int:
         results["images"] = len(list(image_root.glob("*/*")))
         # Forked workers (fast) on the CPU; on the GPU the second pipeline would fork after the first
         # initialised CUDA, which DALI refuses.
-        common = dict(batch_size=args.batch_size, image_size=args.image_size, num_threads=args.workers,
-                      py_workers=args.workers, seed=0, device=args.device,
-                      start_method="spawn" if args.device == "cuda" else "fork")
+        runtime = Runtime(device=args.device, num_threads=args.workers, py_workers=args.workers,
+                          start_method="spawn" if args.device == "cuda" else "fork")
+        common = dict(batch_size=args.batch_size, augment=TrainAugment(image_size=args.image_size), runtime=runtime,
+                      seed=0)
 
         def dali(loader):
             return lambda: (len(batch["indices"]) for batch in loader)
 
         loaders = {}
         if "a" in only:
-            loaders["a_dali_relabel"] = dali(build_train_loader(image_root, label_root, use_relabel=True, **common))
+            loaders["a_dali_relabel"] = dali(build_train_loader(image_root, labels=Labels(label_root), **common))
         if "b" in only:
-            loaders["b_dali_no_labels"] = dali(build_train_loader(image_root, use_relabel=False, **common))
+            loaders["b_dali_no_labels"] = dali(build_train_loader(image_root, **common))
         if "c" in only:
             official = OfficialStyleLoader(image_root, pt_root, batch_size=args.batch_size,
                                            image_size=args.image_size, workers=args.workers, device=args.device)
