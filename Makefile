@@ -66,3 +66,11 @@ check-demo: demo-labels
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Checks this node: environment, build, parity, kernel/loader/trainer/annotator speed, with the
+# report in gpu_check/ (README "Check a GPU node"). Without a GPU it runs the CPU form.
+# GPU_CHECK_ARGS: e.g. --quick, --no-dali, --device cpu, --skip annotator.
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(BIN)/python tools/gpu_check.py $(GPU_CHECK_ARGS)
