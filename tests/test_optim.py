@@ -91,6 +91,18 @@ class TestOptimizers:
         assert decayed == expected
         assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
+    @pytest.mark.parametrize("exclude", [True, False])
+    def test_timm_no_weight_decay_names_are_excluded(self, exclude):
+        import timm
+
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=3)
+        groups = param_groups(model, 0.05, exclude)
+        decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+        names = {name for name, p in model.named_parameters() if id(p) in decayed}
+        assert ("pos_embed" in names, "cls_token" in names) == (not exclude, not exclude)
+        assert "blocks.0.attn.qkv.weight" in names and ("blocks.0.norm1.weight" in names) == (not exclude)
+        assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
     def test_sgd_settings(self):
         cfg = load_config(overrides={"optim.optimizer": "sgd", "optim.momentum": "0.8", "optim.nesterov": "True"})
         optimizer = build_optimizer(cfg, torch.nn.Linear(2, 2))

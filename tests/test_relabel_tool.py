@@ -1,5 +1,6 @@
 """tools/relabel.py: shards equal the in-memory maps, official .pt layout, resume, torchrun slices,
-bad input, and a real two-object composite photo."""
+bad input, a real two-object composite photo, and timm annotators whose shards a timm student
+trains on."""
 import importlib.util
 import os
 import subprocess
@@ -19,7 +20,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 import relabel  # noqa: E402
 
 pytest.importorskip("nvidia.dali")
-pytest.importorskip("efficientnet_lite_pytorch")
+needs_lite = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None,
+                                reason="EfficientNet-Lite0 (efficientnet_lite_pytorch) is not installed")
 SIZE, CELLS = 256, 8
 YURT, CANNON = 915, 471
 COMPOSITE_KEY = "n04613696/composite_yurt_cannon"
@@ -71,6 +73,7 @@ def in_memory(image_root):
     return {key: (scores, ids) for key, scores, ids, _ in annotator.run(keys, [images[k] for k in keys], pipe_args)}
 
 
+@needs_lite
 class TestRelabelTool:
     def test_shards_read_back_equal_the_maps_computed_in_memory(self, annotated, in_memory):
         reader = LabelShardReader(annotated / "shards")
@@ -129,6 +132,7 @@ class TestRelabelTool:
             np.testing.assert_allclose(multi[key][0], single[key][0], rtol=1e-4, atol=1e-4)
 
 
+@needs_lite
 class TestRelabelBadInput:
     def test_refuses_a_folder_of_packed_shards(self, image_root, tmp_path, capsys):
         (tmp_path / "out").mkdir()
@@ -161,6 +165,7 @@ class TestRelabelBadInput:
         assert f"{flag} must be positive, got 0" in capsys.readouterr().err
 
 
+@needs_lite
 class TestTwoObjectComposite:
     def test_each_half_has_its_own_class(self, annotated):
         scores, ids = LabelShardReader(annotated / "shards")[COMPOSITE_KEY]
@@ -173,3 +178,101 @@ class TestTwoObjectComposite:
         assert pooled.argmax(1).tolist() == [YURT, CANNON]
         whole = pool_boxes(scores[None], ids[None], np.array([[0, 0, 1, 1]], np.float32))[0]
         assert set(torch.topk(whole, 2).indices.tolist()) == {YURT, CANNON}
+
+
+TIMM_WNIDS = ("n01440764", "n01443537", "n01484850")  # ImageNet-1k classes 0, 1, 2
+
+
+@pytest.fixture(scope="module")
+def timm_weights(tmp_path_factory):
+    """A randomly initialised 1000-class ResNet-10t, written as the user's weights file."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False)
+    path = tmp_path_factory.mktemp("weights") / "resnet10t.safetensors"
+    save_file(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def wnid_tree(tmp_path_factory):
+    """train/ and val/ folders of small JPEGs in three ImageNet wnid folders."""
+    root = tmp_path_factory.mktemp("wnid_tree")
+    rng = np.random.default_rng(0)
+    for c, wnid in enumerate(TIMM_WNIDS):
+        for split, count in (("train", 4), ("val", 2)):
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(count):
+                pixels = (rng.random((56, 72, 3)) * 60 + np.roll([170, 40, 40], c)).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / wnid / f"{wnid}_{split}_{i}.JPEG", quality=90)
+    return root
+
+
+def run_timm_tool(image_root, out, weights, *extra):
+    return relabel.main([str(image_root), str(out), "--arch", "timm:resnet10t", "--weights", str(weights),
+                         "--size", "64", "--batch-size", "5", "--dtype", "float32", "--threads", "2", *extra])
+
+
+class TestTimmAnnotator:
+    def test_shards_hold_the_adapters_maps_and_a_timm_student_trains_on_them(self, wnid_tree, timm_weights,
+                                                                              tmp_path, capsys):
+        import train
+
+        labels = tmp_path / "labels"
+        assert run_timm_tool(wnid_tree / "train", labels, timm_weights) == relabel.EXIT_OK
+        summary = capsys.readouterr().out
+        assert "timm:resnet10t at 64x64 px (bicubic) -> 2x2 maps" in summary
+        assert "mean over locations equals the model's own logits" in summary
+        reader = LabelShardReader(labels)
+        assert (len(reader), reader.k, reader.height, reader.width, reader.num_classes) == (12, 5, 2, 2, 1000)
+
+        # The same maps, computed here from the model the tool loads and the pipeline it decodes with.
+        model = build_annotator("timm:resnet10t", timm_weights, 64)
+        images = relabel.find_images(wnid_tree / "train")
+        keys = sorted(images)
+        pipe_args = dict(size=64, mean=model.mean, std=model.std, interpolation=model.interpolation, exif=False,
+                         batch_size=len(keys), device_id=None, num_threads=2)
+        annotator = relabel.Annotator(model, topk=5, device=torch.device("cpu"), amp=False)
+        for key, scores, ids, _ in annotator.run(keys, [images[k] for k in keys], pipe_args):
+            stored_scores, stored_ids = reader[key]
+            np.testing.assert_array_equal(stored_ids, ids)
+            np.testing.assert_allclose(stored_scores, scores, rtol=1e-5, atol=1e-5)
+
+        out = tmp_path / "run"
+        argv = ["--data.data_path", str(wnid_tree), "--data.relabel.path", str(labels),
+                "--data.class_map", "imagenet", "--data.num_classes", "1000", "--data.image_size", "32",
+                "--model.arch", "timm:resnet10t", "--optim.batch_size", "4", "--optim.lr.base_batch_size", "4",
+                "--util.val_batch_size", "4", "--optim.epochs", "1", "--optim.warmup.epochs", "0",
+                "--data.num_threads", "1", "--data.py_workers", "1", "--compute.device", "cpu",
+                "--util.progress", "False", "--util.output_dir", str(out)]
+        assert train.main(argv) == 0
+        state = torch.load(out / "checkpoint-last.pth", weights_only=False)
+        assert state["epoch"] == 1 and state["arch"] == "timm:resnet10t"
+        assert state["metrics"]["samples"] == 6
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+    def test_vision_transformer_maps_on_the_patch_grid(self, wnid_tree, tmp_path, capsys):
+        import timm
+        from safetensors.torch import save_file
+
+        torch.manual_seed(0)
+        save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), tmp_path / "vit.safetensors")
+        out = tmp_path / "labels"
+        assert relabel.main([str(wnid_tree / "val"), str(out), "--arch", "timm:vit_tiny_patch16_224",
+                             "--weights", str(tmp_path / "vit.safetensors"), "--size", "48", "--topk", "3",
+                             "--threads", "2"]) == relabel.EXIT_OK
+        assert "mean over locations is NOT the model's own logits" in capsys.readouterr().out
+        reader = LabelShardReader(out)
+        assert (len(reader), reader.k, reader.height, reader.width, reader.num_classes) == (6, 3, 3, 3, 1000)
+
+    def test_refused_architecture_names_the_model(self, wnid_tree, tmp_path, capsys):
+        import timm
+        from safetensors.torch import save_file
+
+        save_file(timm.create_model("convnext_atto", pretrained=False).state_dict(), tmp_path / "c.safetensors")
+        assert relabel.main([str(wnid_tree / "val"), str(tmp_path / "out"), "--arch", "timm:convnext_atto",
+                             "--weights", str(tmp_path / "c.safetensors"), "--size", "64"]) == relabel.EXIT_FAILED
+        assert "timm:convnext_atto has no exact fully-convolutional form" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()

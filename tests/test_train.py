@@ -74,35 +74,96 @@ def straight_run(tiny, tmp_path_factory):
     return out
 
 
+def kill_after_one_epoch_and_resume(argv: list[str], out: Path, monkeypatch) -> dict:
+    """Runs train.main(argv), killed at the start of epoch 1, then resumes it with --resume auto;
+    returns the final checkpoint."""
+    original = train.train_one_epoch
+
+    def killed_at_epoch_1(model, loader, optimizer, schedule, scaler, cfg, epoch, *args, **kwargs):
+        if epoch == 1:
+            raise KeyboardInterrupt("killed")
+        return original(model, loader, optimizer, schedule, scaler, cfg, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", killed_at_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    assert torch.load(out / "checkpoint-last.pth", weights_only=False)["epoch"] == 1
+    monkeypatch.undo()
+    assert train.main(argv + ["--resume", "auto"]) == 0
+    return torch.load(out / "checkpoint-last.pth", weights_only=False)
+
+
+def assert_same_training_state(resumed: dict, straight: dict) -> None:
+    assert resumed["epoch"] == straight["epoch"] == 2
+    assert states_equal(resumed["model"], straight["model"])
+    assert resumed["schedule"] == straight["schedule"]
+    momenta = [(s["momentum_buffer"], t["momentum_buffer"]) for s, t in
+               zip(resumed["optimizer"]["state"].values(), straight["optimizer"]["state"].values())]
+    assert momenta and all(torch.equal(a, b) for a, b in momenta)
+
+
 class TestResume:
     def test_killed_and_resumed_equals_uninterrupted(self, tiny, straight_run, tmp_path, monkeypatch):
-        original = train.train_one_epoch
-
-        def killed_at_epoch_1(model, loader, optimizer, schedule, scaler, cfg, epoch, *args, **kwargs):
-            if epoch == 1:
-                raise KeyboardInterrupt("killed")
-            return original(model, loader, optimizer, schedule, scaler, cfg, epoch, *args, **kwargs)
-
-        monkeypatch.setattr(train, "train_one_epoch", killed_at_epoch_1)
         argv = argv_for(tiny, tmp_path, "--data.real_labels", str(tiny / "real.json"))
-        with pytest.raises(KeyboardInterrupt):
-            train.main(argv)
-        assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)["epoch"] == 1
-        monkeypatch.undo()
-        assert train.main(argv + ["--resume", "auto"]) == 0
-
-        resumed = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
-        straight = torch.load(straight_run / "checkpoint-last.pth", weights_only=False)
-        assert resumed["epoch"] == straight["epoch"] == 2
-        assert states_equal(resumed["model"], straight["model"])
-        assert resumed["schedule"] == straight["schedule"]
-        momenta = [(s["momentum_buffer"], t["momentum_buffer"]) for s, t in
-                   zip(resumed["optimizer"]["state"].values(), straight["optimizer"]["state"].values())]
-        assert momenta and all(torch.equal(a, b) for a, b in momenta)
+        resumed = kill_after_one_epoch_and_resume(argv, tmp_path, monkeypatch)
+        assert_same_training_state(resumed, torch.load(straight_run / "checkpoint-last.pth", weights_only=False))
 
     def test_resolved_config_saved(self, straight_run):
         saved, _ = parse_command_line(["--config-file-path", str(straight_run / "config.yaml")])
         assert saved.optim.epochs == 2 and saved.util.output_dir == str(straight_run)
+
+
+class TestTimmStudent:
+    """A timm model as the student: the same exact resume and test-only evaluation."""
+
+    @staticmethod
+    def timm_argv(root: Path, out: Path, *extra: str, arch: str = "timm:resnet10t",
+                  kwargs: str = "{drop_path_rate: 0.1}") -> list[str]:
+        argv = argv_for(root, out, *extra)
+        argv[argv.index("--model.arch") + 1], argv[argv.index("--model.kwargs") + 1] = arch, kwargs
+        return argv
+
+    def test_killed_and_resumed_equals_uninterrupted(self, tiny, tmp_path, monkeypatch):
+        straight_out, resumed_out = tmp_path / "straight", tmp_path / "resumed"
+        assert train.main(self.timm_argv(tiny, straight_out)) == 0
+        straight = torch.load(straight_out / "checkpoint-last.pth", weights_only=False)
+        assert straight["arch"] == "timm:resnet10t"
+        assert straight["model"]["fc.weight"].shape == (len(CLASSES), 512)
+        resumed = kill_after_one_epoch_and_resume(self.timm_argv(tiny, resumed_out), resumed_out, monkeypatch)
+        assert_same_training_state(resumed, straight)
+
+        argv = self.timm_argv(tiny, tmp_path / "eval", "--util.test_only", "True",
+                              "--util.test_weight_file", str(straight_out / "checkpoint-last.pth"))
+        cfg, _ = parse_command_line(argv)
+        env = init_distributed("cpu")
+        result = train.evaluate_weights(cfg, env, build_data(cfg, env), train.prepare_model(cfg, env))
+        assert result == pytest.approx(straight["metrics"])  # what the run measured at its last epoch
+
+    def test_deit_s_config_builds_the_recipe(self):
+        from relabel_dali.models import build_model
+        from relabel_dali.optim import build_optimizer, build_schedule
+
+        cfg, _ = parse_command_line(["--config-file-path", str(REPO / "configs" / "relabel_deit_s.yaml")])
+        model = build_model(cfg)
+        assert type(model).__name__ == "VisionTransformer" and model.head.out_features == 1000
+        assert sum(p.numel() for p in model.parameters()) == 22_050_664  # DeiT-S with a 1000-class head
+        optimizer = build_optimizer(cfg, model)
+        assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["betas"] == (0.9, 0.999)
+        assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4 * 1024 / 512)
+        schedule = build_schedule(cfg, optimizer, steps_per_epoch=10)
+        assert (schedule.total_steps, schedule.warmup_steps, schedule.decay_type) == (3000, 50, "cos")
+
+    @pytest.mark.parametrize("arch, kwargs, message", [
+        ("timm:resnet10x", "{}", "'timm:resnet10x' is not a timm model; closest: .*resnet10t"),
+        ("timm:resnet10t", "{num_classes: 5}", "model.kwargs.num_classes: set by the trainer"),
+        ("timm:resnet10t", "{width_mult: 0.5}", "model.kwargs .* for timm:resnet10t: .*width_mult"),
+    ])
+    def test_bad_timm_settings_exit_2(self, tiny, tmp_path, capsys, arch, kwargs, message):
+        import re
+
+        assert train.main(self.timm_argv(tiny, tmp_path, arch=arch, kwargs=kwargs)) == 2
+        assert re.search(message, capsys.readouterr().err)
 
 
 class TestTensorBoard:

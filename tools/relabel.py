@@ -1,16 +1,17 @@
 #!/usr/bin/env python
 """Annotate an image tree with a classifier's dense top-k label maps, written straight into label shards.
 
-    python tools/relabel.py IMAGE_ROOT OUT [--arch efficientnet-lite0] [--weights FILE] [--size 480]
+    python tools/relabel.py IMAGE_ROOT OUT [--arch efficientnet-lite0|NAME|timm:NAME] [--weights FILE] [--size 480]
         [--topk 5] [--batch-size 32] [--dtype float32|float16|uint8] [--records-per-shard 10000]
         [--exif] [--write-pt DIR] [--device auto|cpu|cuda] [--no-amp] [--limit N]
     torchrun --nproc_per_node 8 tools/relabel.py IMAGE_ROOT OUT ...
 
-Every image is decoded with DALI, resized to SIZE x SIZE without cropping, normalized for the
-model and run fully convolutionally (docs/ANNOTATOR.md): a stride-32 network at 480 px gives
-15x15 maps. Per location the top-k raw logits and their class ids are stored in canonical
-[k, y, x] layout, in the same shards and index.json that tools/pack_labels.py writes; --write-pt
-also writes official-layout ``[2, k, x, y]`` files (class ids as floats) under DIR.
+Every image is decoded with DALI, resized to SIZE x SIZE without cropping (with the model's
+interpolation), normalized for the model and run fully convolutionally (docs/ANNOTATOR.md): a
+stride-32 network at 480 px gives 15x15 maps; a vision transformer gives one cell per patch.
+Per location the top-k raw logits and their class ids are stored in canonical [k, y, x] layout,
+in the same shards and index.json that tools/pack_labels.py writes; --write-pt also writes
+official-layout ``[2, k, x, y]`` files (class ids as floats) under DIR.
 
 Keys are image paths relative to IMAGE_ROOT without extension, in sorted order; shard ``j``
 holds the ``j``-th run of --records-per-shard keys. Under torchrun every rank takes a contiguous
@@ -35,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from relabel_dali import format as fmt
-from relabel_dali.annotator import build_annotator, topk_maps
+from relabel_dali.annotator import build_annotator, default_input_size, topk_maps
 from relabel_dali.labelmaps import IMAGE_SUFFIXES, is_image, label_key, to_official
 from relabel_dali.atomic import atomic_open, atomic_write_bytes
 from relabel_dali.writer import LabelShardWriter
@@ -49,9 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("image_root", type=Path, help="image tree (e.g. ImageNet train/)")
     parser.add_argument("out", type=Path, help="output folder for label shards and index.json")
     parser.add_argument("--arch", default="efficientnet-lite0",
-                        help="efficientnet-lite0/1/2 or a torchvision classifier name (default efficientnet-lite0)")
-    parser.add_argument("--weights", type=Path, help="state dict file (required for torchvision archs)")
-    parser.add_argument("--size", type=int, default=480, help="square input side in pixels (default 480)")
+                        help="efficientnet-lite0/1/2, a torchvision classifier name or timm:NAME "
+                             "(default efficientnet-lite0)")
+    parser.add_argument("--weights", type=Path,
+                        help="weights file (required for torchvision archs; for timm: safetensors or a torch file, "
+                             "else timm's cache/hub)")
+    parser.add_argument("--size", type=int,
+                        help="square input side in pixels (default: a timm model's pretrained input size, else 480)")
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dtype", choices=sorted(fmt.SCORE_DTYPE_NAMES), default="float16")
@@ -65,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="annotate only the first N keys (for benchmarks)")
     args = parser.parse_args(argv)
     for name in ("size", "topk", "batch_size", "records_per_shard", "threads"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be positive, got {args.limit}")
@@ -88,9 +93,12 @@ def find_images(root: Path) -> dict[str, Path]:
 
 
 def annotation_pipeline(files: list[Path], *, size: int, mean, std, exif: bool, batch_size: int,
-                        device_id: int | None, num_threads: int):
+                        device_id: int | None, num_threads: int, interpolation: str = "bilinear"):
     """Decode -> resize to size x size (no crop) -> normalize to CHW float, in file order."""
     from nvidia.dali import fn, pipeline_def, types
+
+    interp_types = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN,
+                    "lanczos": types.INTERP_LANCZOS3}
 
     def batches():
         for start in range(0, len(files), batch_size):
@@ -101,7 +109,7 @@ def annotation_pipeline(files: list[Path], *, size: int, mean, std, exif: bool, 
         encoded = fn.external_source(source=batches, batch=True, dtype=types.UINT8, ndim=1, cycle=None)
         images = fn.decoders.image(encoded, device="cpu" if device_id is None else "mixed",
                                    output_type=types.RGB, adjust_orientation=exif)
-        images = fn.resize(images, resize_x=size, resize_y=size)
+        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=interp_types[interpolation])
         return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                         mean=[255 * m for m in mean], std=[255 * s for s in std])
 
@@ -152,8 +160,8 @@ class Annotator:
 
 def map_size(model, size: int, device: torch.device) -> tuple[int, int]:
     with torch.inference_mode():
-        features = model.features(torch.zeros(1, 3, size, size, device=device))
-    return int(features.shape[2]), int(features.shape[3])
+        dense = model(torch.zeros(1, 3, size, size, device=device))
+    return int(dense.shape[2]), int(dense.shape[3])
 
 
 def check_settings(out: Path, settings: dict, write: bool) -> None:
@@ -216,14 +224,17 @@ def relabel(args: argparse.Namespace) -> int:
 
     images = find_images(args.image_root)
     keys = sorted(images)[: args.limit]
+    if args.size is None:
+        args.size = default_input_size(args.arch)
     settings = {"arch": args.arch, "weights": str(args.weights) if args.weights else None, "size": args.size,
                 "topk": args.topk, "dtype": args.dtype, "exif": args.exif, "images": len(keys),
                 "records_per_shard": args.records_per_shard, "scores": "logits"}
+    # The model first: an architecture that is refused leaves no settings file behind.
+    model = build_annotator(args.arch, args.weights, args.size).to(device)
     check_settings(args.out, settings, write=rank == 0)
     barrier(world)
     check_settings(args.out, settings, write=False)
 
-    model = build_annotator(args.arch, args.weights).to(device)
     height, width = map_size(model, args.size, device)
     writer = LabelShardWriter(args.out, k=args.topk, height=height, width=width,
                               num_classes=model.num_classes, score_dtype=args.dtype)
@@ -233,8 +244,9 @@ def relabel(args: argparse.Namespace) -> int:
     todo = [j for j in mine if not writer.shard_done(names[j])]
     todo_keys = [key for j in todo for key in chunks[j]]
 
-    pipe_args = dict(size=args.size, mean=model.mean, std=model.std, exif=args.exif, batch_size=args.batch_size,
-                     device_id=local_rank if use_cuda else None, num_threads=args.threads)
+    pipe_args = dict(size=args.size, mean=model.mean, std=model.std, interpolation=model.interpolation,
+                     exif=args.exif, batch_size=args.batch_size, device_id=local_rank if use_cuda else None,
+                     num_threads=args.threads)
     annotator = Annotator(model, topk=args.topk, device=device, amp=use_cuda and not args.no_amp)
     progress = tqdm(total=len(todo_keys), unit="img", desc=f"annotating (rank {rank})" if world > 1 else "annotating",
                     disable=None if rank == 0 else True)
@@ -264,8 +276,11 @@ def relabel(args: argparse.Namespace) -> int:
         lines = [
             f"annotated {len(todo_keys)} images on rank 0 ({world} process(es)); {index['records']} records in "
             f"{len(names)} shards in {args.out} ({len(mine) - len(todo)} of rank 0's shards kept from an earlier run)",
-            f"  model: {args.arch} at {args.size}x{args.size} px -> {height}x{width} maps, top-{args.topk} raw logits, "
-            f"{args.dtype} on {device}" + (" with AMP" if annotator.amp else ""),
+            f"  model: {args.arch} at {args.size}x{args.size} px ({model.interpolation}) -> {height}x{width} maps, "
+            f"top-{args.topk} raw logits, {args.dtype} on {device}" + (" with AMP" if annotator.amp else ""),
+            "  the maps' mean over locations " + ("equals" if model.exact else "is NOT") + " the model's own logits"
+            + ("" if model.exact else " (per-token head of a class-token or post-pooling-norm transformer; "
+                                      "docs/ANNOTATOR.md)"),
             f"  speed: {rate:.1f} images/s on rank 0 "
             f"({len(todo_keys)} images in {annotate_seconds:.1f} s; {time.perf_counter() - started:.1f} s in all)",
         ]
