@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import encode, make_dataset
+from test_pack_labels import make_tree, official_array, save
 
 from relabel_dali import LabelShardReader, LabelShardWriter
 from relabel_dali import checkpoint as ckpt
 from relabel_dali import format as fmt
 from relabel_dali.progress import INTERVAL_ENV
-from test_pack_labels import make_tree, official_array, save
-from test_sources import encode, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
