@@ -1,5 +1,5 @@
 """tools/ablate.py: real train.py runs on a tiny dataset (1 seed, 1 epoch), the table's numbers
-against each run's own checkpoint, reruns that keep finished runs, and the failure paths."""
+against each run's own metrics.json and checkpoint, reruns that keep finished runs, failure paths."""
 import json
 import statistics
 import sys
@@ -82,15 +82,17 @@ class TestAblation:
             assert state["config"]["compute"]["seed"] == 3
             assert state["epoch"] == 1
 
-    def test_table_and_json_numbers_are_the_checkpoints_metrics(self, ablation):
+    def test_table_and_json_numbers_are_each_runs_metrics_file(self, ablation):
         out, _ = ablation
         rows = table_rows((out / "table.md").read_text())
         record = json.loads((out / "results.json").read_text())
         assert sorted(rows) == sorted(ablate.METHODS)
         assert len(record["runs"]) == len(ablate.METHODS)
         for run in record["runs"]:
+            metrics = json.loads((Path(run["run_dir"]) / "metrics.json").read_text())
             state = torch.load(Path(run["run_dir"]) / "checkpoint-last.pth", map_location="cpu", weights_only=False)
-            top1, top5 = state["metrics"]["top1"], state["metrics"]["top5"]
+            top1, top5 = metrics["top1"], metrics["top5"]
+            assert (top1, top5) == (state["metrics"]["top1"], state["metrics"]["top5"]) and metrics["epoch"] == 1
             # 9 validation images: every accuracy is a multiple of 100/9.
             assert round(top1 * 9 / 100, 6) == round(top1 * 9 / 100)
             assert 0.0 <= top1 <= top5 <= 100.0
@@ -121,6 +123,17 @@ class TestAblation:
         assert ablate.main(argv) == ablate.EXIT_USAGE
         error = capsys.readouterr().err
         assert "other settings" in error and "optim.lr.init" in error and "argmax" in error
+
+    def test_finished_run_without_metrics_file_is_refused(self, ablation, capsys):
+        out, argv = ablation
+        metrics = out / "global_argmax" / "seed3" / "metrics.json"
+        kept = metrics.with_name("metrics.kept")
+        metrics.rename(kept)
+        try:
+            assert ablate.main(["--methods", "global_argmax", *argv]) == ablate.EXIT_USAGE
+        finally:
+            kept.rename(metrics)
+        assert "metrics.json: unreadable" in capsys.readouterr().err
 
     def test_failed_training_run_exits_1(self, tiny, tmp_path, capsys):
         argv = ["--seeds", "1", "--methods", "softmax", "--out", str(tmp_path),

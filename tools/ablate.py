@@ -12,9 +12,9 @@ labels, ``--compute.seed S``. Anything after ``--`` goes to every run (``-- --op
 Rerunning keeps finished runs (a checkpoint at the last epoch, made with the same settings),
 resumes interrupted ones and trains the missing ones; a run folder holding different settings
 stops the tool rather than being mixed in. The numbers are the last evaluation's top-1/top-5,
-read from each run's own checkpoint. Outputs, written atomically: OUT/results.json (every run,
-the commit it ran on), OUT/table.md (mean +- sample std over seeds, the paper's ResNet-50
-ImageNet top-1 beside it) and OUT/chart.png.
+read from each run's own metrics.json (train.py writes it beside its checkpoints). Outputs, written
+atomically: OUT/results.json (every run, the commit it ran on), OUT/table.md (mean +- sample std
+over seeds, the paper's ResNet-50 ImageNet top-1 beside it) and OUT/chart.png.
 
 Exit codes: 0 done; 1 a training run failed; 2 bad arguments or a run folder with other settings.
 """
@@ -34,6 +34,7 @@ from pathlib import Path
 from relabel_dali.atomic import atomic_write_bytes
 from relabel_dali.checkpoint import LAST_NAME, load_checkpoint
 from relabel_dali.config import ConfigError, parse_command_line, to_plain
+from relabel_dali.engine import METRICS_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -108,7 +109,7 @@ def differing_keys(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
 
 
 def finished_result(run_dir: Path, wanted: dict, method: str, seed: int) -> RunResult | None:
-    """The run's result when its last checkpoint is final and was made with the wanted settings."""
+    """The run's result (its metrics.json) when its last checkpoint is final and has the wanted settings."""
     path = run_dir / LAST_NAME
     if not path.is_file():
         return None
@@ -119,11 +120,17 @@ def finished_result(run_dir: Path, wanted: dict, method: str, seed: int) -> RunR
                             f"remove {run_dir} or choose another --out")
     if state["epoch"] < wanted["optim"]["epochs"]:
         return None
-    metrics = state.get("metrics") or {}
+    metrics_path = run_dir / METRICS_NAME
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise AblationError(f"{metrics_path}: unreadable ({error}); the run at {path} is finished") from None
+    if metrics.get("epoch") != state["epoch"]:
+        raise AblationError(f"{metrics_path}: epoch {metrics.get('epoch')!r}, but {path} is at epoch {state['epoch']}")
     for name in ("top1", "top5"):
-        if name not in metrics:
-            raise AblationError(f"{path}: checkpoint metrics have no {name!r} (has {sorted(metrics)})")
-    return RunResult(method, seed, float(metrics["top1"]), float(metrics["top5"]), int(state["epoch"]), str(run_dir))
+        if not isinstance(metrics.get(name), (int, float)):
+            raise AblationError(f"{metrics_path}: no number {name!r} (has {sorted(metrics)})")
+    return RunResult(method, seed, float(metrics["top1"]), float(metrics["top5"]), int(metrics["epoch"]), str(run_dir))
 
 
 def train(argv: list[str], log_path: Path) -> int:
