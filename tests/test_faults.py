@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import encode, make_dataset
 from test_pack_labels import make_tree, official_array, save
+from test_train import argv_for, tiny  # noqa: F401  (tiny is a fixture)
 
 from relabel_dali import LabelShardReader, LabelShardWriter
 from relabel_dali import checkpoint as ckpt
@@ -274,6 +275,21 @@ class TestDamagedCheckpoint:
         messages = []
         assert ckpt.resolve_resume("auto", tmp_path, warn=messages.append) == tmp_path / ckpt.PREVIOUS_NAME
         assert "fails its CRC check" in messages[0]
+
+    @pytest.mark.slow
+    def test_train_resumes_from_previous(self, tiny, tmp_path, capsys):
+        import train
+        argv = argv_for(tiny, tmp_path)  # two epochs
+        assert train.main(argv) == 0
+        last = tmp_path / ckpt.LAST_NAME
+        assert ckpt.load_checkpoint(tmp_path / ckpt.PREVIOUS_NAME)["epoch"] == 1
+        last.write_bytes(last.read_bytes()[:4096])
+        capsys.readouterr()
+        assert train.main(argv + ["--resume", "auto"]) == 0
+        captured = capsys.readouterr()
+        assert "checkpoint-last.pth is not a complete checkpoint" in captured.err
+        assert f"resumed from {tmp_path / ckpt.PREVIOUS_NAME} at epoch 1" in captured.out
+        assert ckpt.load_checkpoint(last)["epoch"] == 2
 
     def test_kill_between_rotation_and_write_resumes_from_previous(self, tmp_path, monkeypatch):
         self.save_epochs(tmp_path, (1,))
