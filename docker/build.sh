@@ -26,7 +26,7 @@ dali_variant=""
 cuda_archs=""
 pip_ca=${PIP_CA:-}
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 die_usage() { echo "build.sh: $1 (see --help)" >&2; exit 2; }
 need_value() { [[ $# -ge 2 && -n "$2" ]] || die_usage "$1 needs a value"; }
 

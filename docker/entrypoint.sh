@@ -31,4 +31,6 @@ if [[ "$NNODES" -gt 1 ]]; then
     --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$RDZV_ID" \
     train.py "$@"
 fi
-exec torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" train.py "$@"
+# One node: the rendezvous stays on the loopback address, so a container whose hostname does not
+# resolve (no /etc/hosts entry for it) still starts.
+exec torchrun --standalone --local-addr=127.0.0.1 --nproc_per_node="$NPROC_PER_NODE" train.py "$@"

@@ -15,9 +15,7 @@ mirror=""            # empty: debootstrap's default Debian mirror
 workdir=${TMPDIR:-/var/tmp}
 packages=python3,python3-venv,python3-pip,python3-dev,g++,make,ca-certificates
 
-usage() {
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
-}
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in

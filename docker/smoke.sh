@@ -10,7 +10,8 @@
 #      and its label shards into a mounted folder;
 #   3. train: the image's entrypoint (torchrun) trains configs/demo.yaml for 1 epoch on it, with
 #      SIZE of shared memory, and must leave its last checkpoint in the mounted output folder;
-#   4. pack_labels --help answers.
+#   4. pack_labels --help answers;
+#   5. (buildah) the container's own layer holds no file outside /tmp.
 #
 # Defaults: --image relabel_dali:cpu, --user 4242:4242 (no such user in the image), --shm-size 1g,
 # --workdir a new folder under ${TMPDIR:-/var/tmp}, removed afterwards unless --keep.
@@ -24,7 +25,7 @@ shm=1g
 workdir=""
 keep=0
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 die_usage() { echo "smoke.sh: $1 (see --help)" >&2; exit 2; }
 need_value() { [[ $# -ge 2 && -n "$2" ]] || die_usage "$1 needs a value"; }
 
@@ -64,7 +65,7 @@ cleanup() {
 trap cleanup EXIT
 
 if [[ "$tool" == buildah ]]; then
-  container=$(buildah from --pull-never "$image")
+  container=$(buildah from --pull=never "$image")
 fi
 
 # run_in ENTRYPOINT? ARGS...: one command in a fresh container (buildah: in the working container).
@@ -112,8 +113,10 @@ demo_data() {
 }
 
 train_one_epoch() {
+  # The generator's label maps are in the 1000-class ImageNet space.
   run_in /usr/local/bin/relabel-train --config-file-path configs/demo.yaml --optim.epochs 1 \
-    --data.data_path /smoke/data --data.relabel.path /smoke/labels --util.output_dir /smoke/runs || return
+    --data.data_path /smoke/data --data.relabel.path /smoke/labels --data.num_classes 1000 \
+    --data.class_map imagenet --util.output_dir /smoke/runs || return
   [[ -s "$workdir/runs/checkpoint-last.pth" ]] \
     || { echo "smoke.sh: no checkpoint-last.pth in the output folder $workdir/runs" >&2; return 1; }
 }
@@ -125,6 +128,22 @@ pack_labels_help() {
     || { echo "smoke.sh: pack_labels.py --help printed no usage line" >&2; return 1; }
 }
 
+# buildah runs the steps in one working container with a writable root: afterwards its own layer
+# (overlay driver: the diff folder next to the mount point) must hold no file outside /tmp.
+nothing_written_outside_tmp() {
+  local merged diff found
+  merged=$(buildah mount "$container") || return
+  diff=${merged%/merged}/diff
+  if [[ "$merged" != */merged || ! -d "$diff" ]]; then
+    buildah umount "$container" >/dev/null
+    echo "smoke.sh: no overlay layer next to $merged (another storage driver?): not checked" >&2
+    return 1
+  fi
+  found=$(find "$diff" -path "$diff/tmp" -prune -o \( -type f -o -type l \) -print | sed "s|^$diff||")
+  buildah umount "$container" >/dev/null
+  [[ -z "$found" ]] || { echo "smoke.sh: written into the container outside /tmp:" >&2; head -n 20 <<<"$found" >&2; return 1; }
+}
+
 echo "smoke.sh: image $image, tool $tool, user $user, shm $shm, workdir $workdir"
 step "pytest fast subset" pytest_subset
 step "demo data and label shards" demo_data
@@ -134,6 +153,8 @@ else
   results+=("FAIL  train 1 epoch (no demo data)"); failed=1
 fi
 step "pack_labels.py --help" pack_labels_help
+# docker and podman ran every step on a read-only root file system already.
+[[ "$tool" == buildah ]] && step "nothing written outside /tmp" nothing_written_outside_tmp
 
 echo "=== smoke summary ($image)"
 printf '%s\n' "${results[@]}"
