@@ -62,6 +62,7 @@ class PlainProgress:
         self.n = 0
         self.started = self.last_print = clock()
         self.closed = False
+        self.postfix = ""
 
     def line(self, now: float) -> str:
         elapsed = now - self.started
@@ -74,7 +75,12 @@ class PlainProgress:
         text += f" {rate:,.0f} {self.unit}/s" if rate >= 10 else f" {rate:.2g} {self.unit}/s"
         if self.total and rate > 0:
             text += f", eta {_duration((self.total - self.n) / rate)}"
-        return text
+        return f"{text}, {self.postfix}" if self.postfix else text
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **values) -> None:
+        """As tqdm's: ``name=value`` pairs appended to the next progress line."""
+        values = {**(ordered_dict or {}), **values}
+        self.postfix = ", ".join(f"{name}={value}" for name, value in values.items())
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -108,6 +114,8 @@ class PlainProgress:
 
 
 class _Silent(PlainProgress):
+    """Counts, prints nothing."""
+
     def update(self, n: int = 1) -> None:
         self.n += n
 
@@ -117,10 +125,11 @@ class _Silent(PlainProgress):
 
 def progress(iterable_or_total: Iterable | int | None = None, *, desc: str, unit: str = "it",
              total: int | None = None, interval_s: float | None = None, file: TextIO | None = None,
-             disable: bool = False):
+             disable: bool = False, **tqdm_options):
     """A progress display over an iterable, or for ``update(n)`` calls up to a total (an int).
 
-    ``disable=True`` shows nothing (e.g. on all but one distributed rank)."""
+    ``disable=True`` shows nothing (e.g. on all but one distributed rank). ``tqdm_options`` (such
+    as ``leave=False``) go to the tqdm bar on a terminal and are ignored elsewhere."""
     file = sys.stderr if file is None else file
     if isinstance(iterable_or_total, int) and not isinstance(iterable_or_total, bool):
         iterable, total = None, iterable_or_total
@@ -132,6 +141,6 @@ def progress(iterable_or_total: Iterable | int | None = None, *, desc: str, unit
         return _Silent(iterable, total=total, desc=desc, unit=unit, interval_s=0.0, file=file)
     isatty = getattr(file, "isatty", None)
     if isatty is not None and isatty():
-        return tqdm(iterable, total=total, desc=desc, unit=unit, file=file, dynamic_ncols=True)
+        return tqdm(iterable, total=total, desc=desc, unit=unit, file=file, **{"dynamic_ncols": True, **tqdm_options})
     interval_s = interval_from_env() if interval_s is None else interval_s
     return PlainProgress(iterable, total=total, desc=desc, unit=unit, interval_s=interval_s, file=file)

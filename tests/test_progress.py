@@ -62,6 +62,13 @@ class TestPlainLines:
         assert [line.split(" ")[1] for line in lines[:3]] == ["1", "2", "3"]
         assert lines[-1].startswith("pack_labels: 3 rec in")
 
+    def test_postfix_appended(self):
+        bar, clock, out = self.make(10, interval_s=0.0)
+        bar.set_postfix(loss="0.5000", lr="0.1", refresh=False)
+        clock.now += 1.0
+        bar.update(5)
+        assert out.getvalue() == "pack_labels: 5/10 (50%) 5 rec/s, eta 1 s, loss=0.5000, lr=0.1\n"
+
     def test_long_eta_in_minutes(self):
         bar, clock, out = self.make(100_000, interval_s=1.0)
         clock.now += 10.0
@@ -74,6 +81,12 @@ class TestChoice:
         bar = prog.progress(10, desc="x", file=Terminal())
         assert isinstance(bar, tqdm)
         bar.close()
+
+    def test_tqdm_options_reach_the_bar(self):
+        bar = prog.progress(10, desc="x", file=Terminal(), leave=False)
+        assert bar.leave is False
+        bar.close()
+        assert isinstance(prog.progress(10, desc="x", file=io.StringIO(), leave=False), prog.PlainProgress)
 
     def test_pipe_gets_plain_lines_with_len_as_total(self):
         bar = prog.progress([1, 2, 3], desc="x", file=io.StringIO())
