@@ -31,7 +31,8 @@ class BenchmarkData:
 
 @lru_cache(maxsize=1)
 def photos() -> tuple[np.ndarray, ...]:
-    """The foolbox wheel's ImageNet photos as RGB arrays, else eight synthetic 480x480 patterns."""
+    """The foolbox wheel's ImageNet photos as RGB arrays, else eight synthetic 480x480 patterns
+    textured at three scales, so their JPEGs are about photo-sized (~80 KB at 450x375)."""
     spec = importlib.util.find_spec("foolbox")
     if spec and spec.submodule_search_locations:
         folder = Path(list(spec.submodule_search_locations)[0]) / "data"
@@ -39,8 +40,13 @@ def photos() -> tuple[np.ndarray, ...]:
         if found:
             return tuple(found)
     y, x = np.mgrid[0:480, 0:480]
-    return tuple(np.stack([(x + 40 * i) % 256, (y * 2) % 256, (x + y) % 256], -1).astype(np.uint8)
-                 for i in range(8))
+    rng = np.random.default_rng(0)
+    patterns = []
+    for i in range(8):
+        base = np.stack([(x + 40 * i) % 256, (y * 2) % 256, (x + y) % 256], -1).astype(np.float32)
+        texture = sum(np.kron(rng.normal(0, 1, (480 // s, 480 // s, 3)), np.ones((s, s, 1))) for s in (1, 4, 16))
+        patterns.append(np.clip(base + 18 * texture, 0, 255).astype(np.uint8))
+    return tuple(patterns)
 
 
 def random_map(rng: np.random.Generator, k: int = 5, size: int = 15, num_classes: int = 1000):
@@ -102,11 +108,13 @@ def make_benchmark_data(root: str | Path, count: int, *, seed: int = 0, classes:
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             for done in pool.map(_write_chunk, jobs):
-                progress and progress(done)
+                if progress:
+                    progress(done)
     else:
         for job in jobs:
             done = _write_chunk(job)
-            progress and progress(done)
+            if progress:
+                progress(done)
     from .writer import LabelShardWriter
 
     LabelShardWriter(root / "labels", k=5, height=15, width=15, num_classes=1000,

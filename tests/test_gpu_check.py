@@ -143,6 +143,25 @@ def test_no_dali_runs_only_what_needs_torch_and_nvcc(tmp_path):
         assert steps[name]["status"] == "skip" and "--no-dali" in steps[name]["reason"]
 
 
+def test_sigterm_reports_the_running_step_and_exits_143(tmp_path):
+    process = subprocess.Popen([sys.executable, str(TOOL), "--device", "cpu", "--quick", "--out", str(tmp_path / "out"),
+                                "--work", str(tmp_path / "work")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    report = tmp_path / "out" / "report.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # until the build step is done: parity runs next
+        if report.exists() and "build" in [s["name"] for s in json.loads(report.read_text())["steps"]]:
+            break
+        time.sleep(0.2)
+    process.terminate()
+    assert process.wait(60) == 143
+    result = json.loads(report.read_text())
+    assert result["exit_code"] == 143 and result["finished"]
+    last = result["steps"][-1]
+    assert last["status"] == "fail" and last["reason"].startswith("interrupted (SIGTERM)"), last
+    assert [s["name"] for s in result["steps"]] == list(gpu_check.STEPS[:len(result["steps"])])
+
+
 def test_a_hanging_command_is_killed_with_its_children():
     started = time.perf_counter()
     script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
