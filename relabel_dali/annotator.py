@@ -17,6 +17,7 @@ families need only a new adapter. timm models, vision transformers included, are
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import torch
@@ -194,6 +195,94 @@ def default_input_size(arch: str) -> int:
 
         return timm_size(arch.removeprefix("timm:"))
     return 480
+
+
+def class_subset(spec: str, folders: list[str], num_classes: int, arch: str = "the annotator"
+                 ) -> tuple[list[str], list[int]] | None:
+    """The dataset's classes in the annotator's label space, for ``--classes``.
+
+    ``"imagenet"`` -> None (all the annotator's classes). ``"folder"`` -> the class folders, sorted
+    (dataset index = position, as ``data.class_map: folder`` numbers them), which must be WordNet
+    ids of a 1000-class (ImageNet-1k order) annotator. Anything else is a JSON file: dataset class
+    name -> annotator class index, or the inverse (index -> name); its names, sorted, are the
+    dataset's classes and must cover every folder. Returns (names, annotator index per name)."""
+    if spec == "imagenet":
+        return None
+    if spec == "folder":
+        names = sorted(folders)
+        if not names:
+            raise ValueError("--classes folder: the image root has no class folders (expected ROOT/<wnid>/<image>)")
+        if num_classes != 1000:
+            raise ValueError(f"--classes folder: {arch} has {num_classes} classes, not ImageNet-1k's 1000, so the "
+                             f"WordNet id of each of its classes is not known here{_label_space_hint(num_classes)}; "
+                             f"write --classes FILE (JSON: class name -> {arch} class index)")
+        from . import imagenet
+
+        known = set(imagenet.wnids())
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ValueError(f"--classes folder: {arch} (ImageNet-1k classes) has no class for folder(s) "
+                             f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}: not ImageNet-1k WordNet ids; "
+                             f"use --classes FILE (JSON: class name -> {arch} class index)")
+        return names, [imagenet.index_of(name) for name in names]
+    path = Path(spec)
+    mapping = _read_class_file(path)
+    for name, index in mapping.items():
+        if not 0 <= index < num_classes:
+            raise ValueError(f"--classes {path}: class {name!r} -> index {index}, outside {arch}'s "
+                             f"{num_classes} classes [0, {num_classes})")
+    missing = sorted(set(folders) - set(mapping))
+    if missing:
+        raise ValueError(f"--classes {path}: no annotator class for folder(s) {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''} ({len(mapping)} classes in the file)")
+    names = sorted(mapping)
+    ids = [mapping[name] for name in names]
+    shared = sorted({index for index in ids if ids.count(index) > 1})
+    if shared:
+        raise ValueError(f"--classes {path}: annotator class(es) {shared[:5]} given to more than one dataset class "
+                         f"({[n for n in names if mapping[n] in shared][:6]})")
+    return names, ids
+
+
+def _read_class_file(path: Path) -> dict[str, int]:
+    if path.suffix.lower() != ".json" and not path.is_file():
+        raise ValueError(f"--classes {str(path)!r}: expected imagenet, folder or a JSON file")
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"--classes {path}: unreadable ({error})") from None
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"--classes {path}: expected a JSON object of class name -> annotator class index "
+                         f"(or index -> name), got {type(table).__name__}")
+    if all(key.isdigit() for key in table) and all(isinstance(name, str) for name in table.values()):
+        # the inverse form, index -> name
+        if len(set(table.values())) != len(table):
+            raise ValueError(f"--classes {path}: a class name appears under two indices")
+        return {name: int(key) for key, name in table.items()}
+    for name, index in table.items():
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ValueError(f"--classes {path}: class {name!r} -> {index!r}, expected an integer class index")
+    return dict(table)
+
+
+def _label_space_hint(num_classes: int) -> str:
+    try:
+        from timm.data import infer_imagenet_subset
+    except ImportError:
+        return ""
+    subset = infer_imagenet_subset({"num_classes": num_classes})
+    if subset is None:
+        return ""
+    return (f" (timm guesses the {subset} label space from that count; timm.data.ImageNetInfo('{subset}')"
+            ".label_names() lists its WordNet ids in index order, from which such a FILE can be written)")
+
+
+def restrict_logits(dense_logits: torch.Tensor, class_ids: torch.Tensor | None) -> torch.Tensor:
+    """``[N, C, h, w]`` -> ``[N, len(class_ids), h, w]``: channel ``j`` is annotator class
+    ``class_ids[j]``, so top-k ids index the dataset's classes; None keeps every class."""
+    if class_ids is None:
+        return dense_logits
+    return dense_logits.index_select(1, class_ids.to(dense_logits.device))
 
 
 def topk_maps(dense_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

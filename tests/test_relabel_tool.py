@@ -2,7 +2,9 @@
 bad input, a real two-object composite photo, and timm annotators whose shards a timm student
 trains on."""
 import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 from PIL import Image
 
 from relabel_dali import LabelShardReader
-from relabel_dali.annotator import build_annotator, pool_boxes
+from relabel_dali.annotator import DenseClassifier, build_annotator, pool_boxes
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -276,3 +278,157 @@ class TestTimmAnnotator:
                              "--weights", str(tmp_path / "c.safetensors"), "--size", "64"]) == relabel.EXIT_FAILED
         assert "timm:convnext_atto has no exact fully-convolutional form" in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
+
+
+class ColourAnnotator(DenseClassifier):
+    """A synthetic 10-class annotator: 16-px cells, class 3 follows red, 5 green, 1 blue, and class 7
+    outscores everything everywhere (bias 100): restricted to {3, 5, 1} it must never appear."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(3, 10)
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+            self.head.weight[3, 0] = self.head.weight[5, 1] = self.head.weight[1, 2] = 1.0
+            self.head.bias[7] = 100.0
+
+    def features(self, x):
+        return torch.nn.functional.avg_pool2d(x, 16)
+
+    @property
+    def linear(self):
+        return self.head
+
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+COLOUR_CLASSES = {"red": 3, "green": 5, "blue": 1}  # dataset class -> annotator class
+
+
+@pytest.fixture(scope="module")
+def colour_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(1)
+    for name, colour in COLOURS.items():
+        (root / name).mkdir()
+        for i in range(2):
+            pixels = (rng.random((48, 48, 3)) * 40 + np.array(colour) - 20).clip(0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name}_{i}.png")
+    return root
+
+
+class TestClassRestriction:
+    def test_best_class_outside_the_subset_is_ignored_and_ids_are_dataset_indices(self):
+        names, ids = ["blue", "green", "red"], [1, 5, 3]  # sorted names; their annotator classes
+        x = torch.zeros(2, 3, 32, 48)
+        x[0, 0], x[1, 2] = 2.0, 2.0  # image 0 red, image 1 blue
+        x[0, 1, :16, :16] = 3.0  # one green cell in image 0
+        annotator = relabel.Annotator(ColourAnnotator(), topk=2, device=torch.device("cpu"), amp=False,
+                                      class_ids=ids)
+        scores, class_ids, top1 = annotator.maps(x)
+        assert class_ids.shape == (2, 2, 2, 3) and class_ids.max() <= 2
+        with torch.no_grad():
+            full = ColourAnnotator()(x).numpy()
+        assert (full.argmax(1) == 7).all()  # unrestricted, class 7 wins everywhere
+        # independent reference: the dataset classes' own logits, sorted per cell
+        restricted = full[:, ids]
+        order = np.argsort(-restricted, axis=1, kind="stable")[:, :2]
+        np.testing.assert_array_equal(class_ids, order)
+        np.testing.assert_allclose(scores, np.take_along_axis(restricted, order, 1), rtol=1e-6)
+        assert class_ids[0, 0, 0, 0] == names.index("green") and class_ids[0, 0, 1, 2] == names.index("red")
+        assert top1.tolist() == [names.index("red"), names.index("blue")]
+
+    @pytest.mark.parametrize("form", ["name_to_index", "index_to_name"])
+    def test_tool_writes_dataset_space_shards_from_a_class_file(self, colour_tree, tmp_path, monkeypatch, capsys,
+                                                                form):
+        table = COLOUR_CLASSES if form == "name_to_index" else {str(v): k for k, v in COLOUR_CLASSES.items()}
+        (tmp_path / "classes.json").write_text(json.dumps(table))
+        monkeypatch.setattr(relabel, "build_annotator", lambda *args: ColourAnnotator())
+        out = tmp_path / "labels"
+        assert relabel.main([str(colour_tree), str(out), "--size", "32", "--topk", "3", "--threads", "2",
+                             "--dtype", "float32", "--classes", str(tmp_path / "classes.json")]) == relabel.EXIT_OK
+        summary = capsys.readouterr().out
+        assert "classes: the dataset's 3" in summary
+        assert "equals the folder's class for 6/6 images" in summary
+        reader = LabelShardReader(out)
+        assert reader.num_classes == 3 and reader.k == 3
+        names = sorted(COLOURS)
+        for key in reader.keys:
+            scores, ids = reader[key]
+            assert (ids[0] == names.index(key.split("/")[0])).all()  # the folder's dataset index, every cell
+            assert sorted(ids[:, 0, 0].tolist()) == [0, 1, 2]
+        settings = json.loads((out / "relabel_settings.json").read_text())
+        assert settings["classes"]["names"] == names and settings["classes"]["annotator_ids"] == [1, 5, 3]
+
+    def test_folder_classes_with_a_timm_annotator(self, wnid_tree, timm_weights, tmp_path, capsys):
+        out = tmp_path / "labels"
+        assert run_timm_tool(wnid_tree / "train", out, timm_weights, "--classes", "folder", "--topk", "2") == 0
+        assert "among the 3 dataset classes" in capsys.readouterr().out
+        reader = LabelShardReader(out)
+        assert (reader.num_classes, reader.k) == (3, 2)
+        # independent reference: the model's full 1000-class map, restricted by hand to ImageNet 0, 1, 2
+        model = build_annotator("timm:resnet10t", timm_weights, 64)
+        images = relabel.find_images(wnid_tree / "train")
+        keys = sorted(images)
+        pipe = relabel.annotation_pipeline([images[k] for k in keys], size=64, mean=model.mean, std=model.std,
+                                           interpolation=model.interpolation, exif=False, batch_size=len(keys),
+                                           device_id=None, num_threads=2)
+        (batch,) = pipe.run()
+        with torch.no_grad():
+            full = model(relabel.to_torch(batch, torch.device("cpu")))
+        scores, ids = torch.topk(full[:, [0, 1, 2]], 2, dim=1)
+        for i, key in enumerate(keys):
+            stored_scores, stored_ids = reader[key]
+            np.testing.assert_array_equal(stored_ids, ids[i].numpy())
+            np.testing.assert_allclose(stored_scores, scores[i].numpy(), rtol=1e-5, atol=1e-5)
+
+        # a 3-class student trains on them, classes numbered by sorted folder as the shards are
+        import train
+
+        run = tmp_path / "run"
+        assert train.main(["--data.data_path", str(wnid_tree), "--data.relabel.path", str(out),
+                           "--data.class_map", "folder", "--data.num_classes", "3", "--data.image_size", "32",
+                           "--model.arch", "timm:resnet10t", "--optim.batch_size", "4",
+                           "--optim.lr.base_batch_size", "4", "--util.val_batch_size", "4", "--optim.epochs", "1",
+                           "--optim.warmup.epochs", "0", "--data.num_threads", "1", "--data.py_workers", "1",
+                           "--compute.device", "cpu", "--util.progress", "False", "--util.output_dir", str(run)]) == 0
+        state = torch.load(run / "checkpoint-last.pth", weights_only=False)
+        assert state["epoch"] == 1 and state["model"]["fc.weight"].shape == (3, 512)
+
+    @pytest.mark.parametrize("table, message", [
+        ({"red": 3, "green": 5}, r"no annotator class for folder\(s\) \['blue'\]"),
+        ({"red": 3, "green": 5, "blue": 10}, r"class 'blue' -> index 10, outside .*'s 10 classes \[0, 10\)"),
+        ({"red": 3, "green": 3, "blue": 1}, r"annotator class\(es\) \[3\] given to more than one dataset class"),
+        ({"red": "x", "green": 5, "blue": 1}, r"class 'red' -> 'x', expected an integer class index"),
+        ([3, 5, 1], "expected a JSON object of class name -> annotator class index"),
+    ])
+    def test_bad_class_files(self, colour_tree, tmp_path, monkeypatch, capsys, table, message):
+        (tmp_path / "classes.json").write_text(json.dumps(table))
+        monkeypatch.setattr(relabel, "build_annotator", lambda *args: ColourAnnotator())
+        assert relabel.main([str(colour_tree), str(tmp_path / "out"), "--size", "32", "--topk", "2",
+                             "--classes", str(tmp_path / "classes.json")]) == relabel.EXIT_FAILED
+        assert re.search(message, capsys.readouterr().err)
+        assert not (tmp_path / "out").exists()
+
+    def test_topk_larger_than_the_dataset_classes(self, colour_tree, tmp_path, monkeypatch, capsys):
+        (tmp_path / "classes.json").write_text(json.dumps(COLOUR_CLASSES))
+        monkeypatch.setattr(relabel, "build_annotator", lambda *args: ColourAnnotator())
+        assert relabel.main([str(colour_tree), str(tmp_path / "out"), "--size", "32", "--topk", "5",
+                             "--classes", str(tmp_path / "classes.json")]) == relabel.EXIT_FAILED
+        assert "--topk 5 is more than the 3 classes of --classes" in capsys.readouterr().err
+
+    def test_folder_needs_imagenet_wnids(self, colour_tree, tmp_path, timm_weights, capsys):
+        assert run_timm_tool(colour_tree, tmp_path / "out", timm_weights, "--classes", "folder") == 1
+        err = capsys.readouterr().err
+        assert "has no class for folder(s) ['blue', 'green', 'red']: not ImageNet-1k WordNet ids" in err
+        assert "use --classes FILE" in err
+
+    def test_folder_needs_a_known_label_space(self, colour_tree, tmp_path, monkeypatch, capsys):
+        monkeypatch.setattr(relabel, "build_annotator", lambda *args: ColourAnnotator())
+        assert relabel.main([str(colour_tree), str(tmp_path / "out"), "--classes", "folder"]) == 1
+        assert "has 10 classes, not ImageNet-1k's 1000" in capsys.readouterr().err
+
+    def test_unknown_classes_word(self, colour_tree, tmp_path, monkeypatch, capsys):
+        monkeypatch.setattr(relabel, "build_annotator", lambda *args: ColourAnnotator())
+        assert relabel.main([str(colour_tree), str(tmp_path / "out"), "--classes", "folders"]) == 1
+        assert "--classes 'folders': expected imagenet, folder or a JSON file" in capsys.readouterr().err

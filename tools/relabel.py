@@ -2,7 +2,8 @@
 """Annotate an image tree with a classifier's dense top-k label maps, written straight into label shards.
 
     python tools/relabel.py IMAGE_ROOT OUT [--arch efficientnet-lite0|NAME|timm:NAME] [--weights FILE] [--size 480]
-        [--topk 5] [--batch-size 32] [--dtype float32|float16|uint8] [--records-per-shard 10000]
+        [--classes imagenet|folder|FILE] [--topk 5] [--batch-size 32] [--dtype float32|float16|uint8]
+        [--records-per-shard 10000]
         [--exif] [--write-pt DIR] [--device auto|cpu|cuda] [--no-amp] [--limit N]
     torchrun --nproc_per_node 8 tools/relabel.py IMAGE_ROOT OUT ...
 
@@ -12,6 +13,13 @@ stride-32 network at 480 px gives 15x15 maps; a vision transformer gives one cel
 Per location the top-k raw logits and their class ids are stored in canonical [k, y, x] layout,
 in the same shards and index.json that tools/pack_labels.py writes; --write-pt also writes
 official-layout ``[2, k, x, y]`` files (class ids as floats) under DIR.
+
+--classes restricts the annotator to the dataset's classes: ``imagenet`` keeps all of the
+annotator's classes (ids in its own label space); ``folder`` takes the class folders (ImageNet
+WordNet ids) in sorted order; FILE is JSON, dataset class name -> annotator class index (or the
+inverse). The logits are restricted to those classes before the top-k, the stored class ids are
+dataset indices (the sorted position of the class name, as train.py's ``data.class_map: folder``
+numbers them) and the shards' num_classes is the dataset's.
 
 Keys are image paths relative to IMAGE_ROOT without extension, in sorted order; shard ``j``
 holds the ``j``-th run of --records-per-shard keys. Under torchrun every rank takes a contiguous
@@ -36,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from relabel_dali import format as fmt
-from relabel_dali.annotator import build_annotator, default_input_size, topk_maps
+from relabel_dali.annotator import build_annotator, class_subset, default_input_size, restrict_logits, topk_maps
 from relabel_dali.labelmaps import IMAGE_SUFFIXES, is_image, label_key, to_official
 from relabel_dali.atomic import atomic_open, atomic_write_bytes
 from relabel_dali.writer import LabelShardWriter
@@ -57,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "else timm's cache/hub)")
     parser.add_argument("--size", type=int,
                         help="square input side in pixels (default: a timm model's pretrained input size, else 480)")
+    parser.add_argument("--classes", default="imagenet", metavar="imagenet|folder|FILE",
+                        help="label space: all the annotator's classes (imagenet, default), the class folders' "
+                             "WordNet ids in sorted order (folder), or a JSON file of class name -> annotator index")
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dtype", choices=sorted(fmt.SCORE_DTYPE_NAMES), default="float16")
@@ -132,13 +143,15 @@ def to_torch(batch, device: torch.device) -> torch.Tensor:
 class Annotator:
     """Runs the model over the pipeline's batches and yields one canonical top-k map per image."""
 
-    def __init__(self, model, *, topk: int, device: torch.device, amp: bool):
+    def __init__(self, model, *, topk: int, device: torch.device, amp: bool, class_ids: list[int] | None = None):
+        """``class_ids``: the annotator's class per dataset class (None: all of its classes)."""
         self.model, self.topk, self.device, self.amp = model, topk, device, amp
+        self.class_ids = None if class_ids is None else torch.tensor(class_ids, dtype=torch.int64, device=device)
 
     @torch.inference_mode()
     def maps(self, images: torch.Tensor):
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            dense = self.model(images)
+            dense = restrict_logits(self.model(images), self.class_ids)
         scores, class_ids = topk_maps(dense, self.topk)
         top1 = dense.float().mean((2, 3)).argmax(1)
         return scores.cpu().numpy(), class_ids.cpu().numpy(), top1.cpu().numpy()
@@ -185,13 +198,26 @@ def write_pt(root: Path, key: str, scores: np.ndarray, class_ids: np.ndarray) ->
         torch.save(torch.from_numpy(to_official(scores, class_ids)), handle)
 
 
-def class_of_folder(key: str) -> int | None:
+def class_folders(keys) -> list[str]:
+    return sorted({key.split("/")[0] for key in keys if "/" in key})
+
+
+def folder_labels(keys: list[str], subset: tuple[list[str], list[int]] | None, num_classes: int) -> dict[str, int]:
+    """Each key's class in the written label space, from its top folder, where one is known: the
+    dataset index under --classes folder/FILE; the ImageNet-1k index of a wnid folder for a
+    1000-class annotator otherwise."""
+    if subset is not None:
+        index = {name: i for i, name in enumerate(subset[0])}
+        return {key: index[key.split("/")[0]] for key in keys if "/" in key and key.split("/")[0] in index}
+    if num_classes != 1000:
+        return {}
     from relabel_dali import imagenet
 
     try:
-        return imagenet.index_of(key.split("/")[0])
-    except (KeyError, ModuleNotFoundError):
-        return None
+        lookup = {wnid: i for i, wnid in enumerate(imagenet.wnids())}
+    except ModuleNotFoundError:
+        return {}
+    return {key: lookup[key.split("/")[0]] for key in keys if "/" in key and key.split("/")[0] in lookup}
 
 
 def distributed() -> tuple[int, int, int]:
@@ -226,18 +252,24 @@ def relabel(args: argparse.Namespace) -> int:
     keys = sorted(images)[: args.limit]
     if args.size is None:
         args.size = default_input_size(args.arch)
+    # The model and the classes first: a refused architecture or class list leaves no settings file.
+    model = build_annotator(args.arch, args.weights, args.size).to(device)
+    subset = class_subset(args.classes, class_folders(images), model.num_classes, args.arch)
+    num_classes = model.num_classes if subset is None else len(subset[0])
+    if args.topk > num_classes:
+        raise ValueError(f"--topk {args.topk} is more than the {num_classes} classes of --classes {args.classes}")
     settings = {"arch": args.arch, "weights": str(args.weights) if args.weights else None, "size": args.size,
                 "topk": args.topk, "dtype": args.dtype, "exif": args.exif, "images": len(keys),
-                "records_per_shard": args.records_per_shard, "scores": "logits"}
-    # The model first: an architecture that is refused leaves no settings file behind.
-    model = build_annotator(args.arch, args.weights, args.size).to(device)
+                "records_per_shard": args.records_per_shard, "scores": "logits",
+                "classes": None if subset is None else {"spec": args.classes, "names": subset[0],
+                                                        "annotator_ids": subset[1]}}
     check_settings(args.out, settings, write=rank == 0)
     barrier(world)
     check_settings(args.out, settings, write=False)
 
     height, width = map_size(model, args.size, device)
     writer = LabelShardWriter(args.out, k=args.topk, height=height, width=width,
-                              num_classes=model.num_classes, score_dtype=args.dtype)
+                              num_classes=num_classes, score_dtype=args.dtype)
     chunks = [keys[i:i + args.records_per_shard] for i in range(0, len(keys), args.records_per_shard)]
     names = [f"labels-{j:05d}" for j in range(len(chunks))]
     mine = range(rank * len(chunks) // world, (rank + 1) * len(chunks) // world)
@@ -247,7 +279,9 @@ def relabel(args: argparse.Namespace) -> int:
     pipe_args = dict(size=args.size, mean=model.mean, std=model.std, interpolation=model.interpolation,
                      exif=args.exif, batch_size=args.batch_size, device_id=local_rank if use_cuda else None,
                      num_threads=args.threads)
-    annotator = Annotator(model, topk=args.topk, device=device, amp=use_cuda and not args.no_amp)
+    annotator = Annotator(model, topk=args.topk, device=device, amp=use_cuda and not args.no_amp,
+                          class_ids=None if subset is None else subset[1])
+    labels = folder_labels(todo_keys, subset, model.num_classes)
     progress = tqdm(total=len(todo_keys), unit="img", desc=f"annotating (rank {rank})" if world > 1 else "annotating",
                     disable=None if rank == 0 else True)
     agree = known = 0
@@ -262,7 +296,7 @@ def relabel(args: argparse.Namespace) -> int:
                     shard.add(key, scores, class_ids)
                     if args.write_pt is not None:
                         write_pt(args.write_pt, key, scores, class_ids)
-                    label = class_of_folder(key)
+                    label = labels.get(key)
                     if label is not None:
                         known += 1
                         agree += top1 == label
@@ -284,9 +318,13 @@ def relabel(args: argparse.Namespace) -> int:
             f"  speed: {rate:.1f} images/s on rank 0 "
             f"({len(todo_keys)} images in {annotate_seconds:.1f} s; {time.perf_counter() - started:.1f} s in all)",
         ]
+        if subset is not None:
+            lines.append(f"  classes: the dataset's {num_classes} (--classes {args.classes}), class ids "
+                         f"0..{num_classes - 1} in sorted class-name order; every other annotator class ignored")
         if known:
-            lines.append(f"  global top-1 equals the folder's ImageNet class for {agree}/{known} images "
-                         f"({100 * agree / known:.1f} %)")
+            space = f"among the {num_classes} dataset classes" if subset is not None else "ImageNet-1k"
+            lines.append(f"  the map's top-1 ({space}) equals the folder's class for {agree}/{known} images "
+                         f"on rank 0 ({100 * agree / known:.1f} %)")
         if args.write_pt is not None:
             lines.append(f"  official-layout .pt maps in {args.write_pt}")
         print("\n".join(lines))
