@@ -8,13 +8,14 @@ refuses to fork once CUDA is initialised (``start_method="spawn"`` lifts that, a
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 
 import torch
 
 from .config import ConfigError
-from .reader import LabelShardReader
+from .reader import LabelShardReader, ShardCorruptError
 from .settings import Dataset, Labels, Runtime, TrainAugment, ValTransform
 from .sources import SampleSource, list_images, match_records
 
@@ -127,9 +128,13 @@ def open_labels(labels: Labels, num_classes: int) -> LabelShardReader:
     if labels.verify == "full":
         from .progress import progress
 
-        bar = progress(total=len(reader), desc=f"verifying {labels.path}", unit="rec")
-        reader.verify(progress=bar.update)
-        bar.close()
+        reader.keys  # reads and checks the key files
+        with progress(len(reader), desc=f"verifying {labels.path}", unit="rec") as bar:
+            errors = list(itertools.islice(reader.corrupt_records(on_shard=bar.update), 20))
+        if errors:
+            listed = "; ".join(str(error) for error in errors[:5])
+            raise ShardCorruptError(f"data.verify_labels full: {len(errors)}{'+' if len(errors) == 20 else ''} "
+                                    f"corrupt label record(s): {listed}")
     return reader
 
 

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
@@ -132,7 +132,8 @@ class Listing:
             folder, _, name = path.rpartition("/")
             if not folder:
                 raise ValueError(f"{root}: {path!r} is not inside a class folder (expected <class>/<file>)")
-            suffix = PurePosixPath(name).suffix
+            dot = name.rfind(".")  # PurePosixPath(name).suffix, without building a path object
+            suffix = name[dot:] if 0 < dot < len(name) - 1 else ""
             stems.append(name[:len(name) - len(suffix)])
             dir_ids[i] = dir_index.setdefault(folder, len(dir_index))
             code = suffix_index.setdefault(suffix, len(suffix_index))
@@ -372,11 +373,13 @@ class SampleSource:
         return len(self) // self.batch_size
 
     def epoch_slots(self, epoch: int) -> np.ndarray:
-        """Dataset indices this rank reads in ``epoch``, in order (``-1``: masked padding)."""
+        """Dataset indices this rank reads in ``epoch``, in order (``-1``: masked padding); a
+        compact copy, so the whole permutation is not kept alive by a view."""
         n = len(self.listing)
         order = epoch_permutation(n, self.seed, epoch) if self.shuffle else np.arange(n)
-        return rank_slots(order, rank=self.rank, world_size=self.world_size,
-                          batch_size=self.batch_size, remainder=self.remainder)
+        slots = rank_slots(order, rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
+                           remainder=self.remainder)
+        return slots.astype(_index_dtype(n))
 
     # ---- the packed sample ----------------------------------------------------------------
     @property
