@@ -46,7 +46,7 @@ class TestConfigFiles:
                                                 "optim.wd.base": 1e-2, "data.cutmix.prob": 1.0,
                                                 "data.cutmix.beta": 1.0, "data.cutmix.off_epoch": 5}),
         ("baseline_resnet50.yaml", {"data.relabel.use": False, "optim.epochs": 300}),
-        ("demo.yaml", {"compute.device": "cpu", "data.class_map": "imagenet", "data.num_classes": 1000}),
+        ("demo.yaml", {"compute.device": "cpu", "data.class_map": "folder", "data.num_classes": 19}),
     ])
     def test_recipes(self, name, expected):
         cfg = load_config(Path(BASE_CONFIG).parent / name)
