@@ -182,7 +182,7 @@ class TestTargets:
                            trainer={"fixed_batch": {"images_per_s": 3000.0}, "relabel": {"data_wait_fraction": 0.004}})
         targets = {t["name"]: t for t in gpu_check.evaluate_targets(steps, "cuda")}
         assert [t["met"] for t in targets.values()] == [True, False, True, False, True, True]
-        assert targets["loader images/s / ResNet-50 step rate"]["value"] == 3.0
+        assert targets["loader images/s / the model's own step rate"]["value"] == 3.0
 
     def test_a_failed_step_gives_no_value(self):
         steps = self.steps(parity={"worst_abs_diff": 2e-7})
