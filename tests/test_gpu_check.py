@@ -196,5 +196,6 @@ def test_edge_boxes(h, w):
     boxes = gpu_check.edge_boxes(h, w)
     assert boxes[0].tolist() == [0, 0, 1, 1]
     widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    assert torch.allclose(widths[1:6], torch.full((5,), 1 / w)) and torch.allclose(heights[1:6], torch.full((5,), 1 / h))
+    assert torch.allclose(widths[1:6], torch.full((5,), 1 / w))
+    assert torch.allclose(heights[1:6], torch.full((5,), 1 / h))
     assert ((boxes >= 0) & (boxes <= 1)).all() and (widths > 0).all() and (heights > 0).all()

@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--workers", type=int, default=2, help="Python workers, and DALI threads")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cuda: GPU graphs with mixed (hardware where present) JPEG decoding, and (c) pools on the GPU")
+                        help="cuda: GPU graphs with mixed (hardware where present) JPEG decoding; "
+                             "(c) pools on the GPU")
     parser.add_argument("--rounds", type=int, default=4,
                         help="turns per loader (1 untimed + 2 timed epochs each; the order reverses every other round)")
     parser.add_argument("--only", choices=("a", "b", "c"), action="append", help="run only these loaders")

@@ -3,13 +3,14 @@
 against the official dense path (scatter into [N, C, H, W] + roi_align + softmax) on the same device.
 
     python tools/bench_pool.py --json PATH [--device cpu|cuda] [--batch N] [--repeats R] [--plot PNG]
+        [--no-dali]
 
 Maps are 5x15x15 top-5 float32, 1000 classes, random crop boxes; two id distributions: "random"
 (ids spread over all classes, the worst case) and "concentrated" (12 classes per image, like real
 annotator maps). Per method: seconds per batch (wall clock, device synchronised). ``dali_op`` is
-the pipeline with the operator less the same pipeline without it. On the GPU, ``kernel_us`` adds the device time of the LabelPool kernel
-alone, per batch, from the CUDA profiler (CUPTI): the C ABI's launch and the DALI operator's.
-Exit codes: 0 done; 2 the requested device is unavailable.
+the pipeline with the operator less the same pipeline without it. On the GPU, ``kernel_us`` adds
+the device time of the LabelPool kernel alone, per batch, from the CUDA profiler (CUPTI): the C
+ABI's launch and the DALI operator's. Exit codes: 0 done; 2 the requested device is unavailable.
 """
 from __future__ import annotations
 
