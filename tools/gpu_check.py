@@ -18,7 +18,7 @@ hangs is reported and the next one still runs):
                (relabel_dali.official) with and without labels, and by one fixed batch (model speed)
   annotator    tools/relabel.py with a randomly initialised torchvision model
 
-``--quick`` uses smaller sizes (the whole check in about 5 minutes on one H100); ``--no-dali`` runs
+``--quick`` uses smaller sizes (meant to fit in 5 minutes on one H100; not yet timed on one); ``--no-dali`` runs
 only what needs torch and nvcc (environment, build, parity and kernel of pool_labels); without a
 GPU, or with ``--device cpu``, every step runs on the CPU at small sizes and the GPU targets are not
 judged. Results: ``OUT/report.json`` (one entry per step: status pass/fail/skip, reason, numbers,
@@ -742,7 +742,7 @@ def nvidia_smi() -> list[dict]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes: about 5 minutes on one GPU")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, meant to fit in 5 minutes on one GPU")
     parser.add_argument("--no-dali", action="store_true", help="only the steps that need torch and nvcc")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                         help="auto: cuda when nvidia-smi lists a GPU, else cpu")
