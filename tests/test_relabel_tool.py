@@ -151,15 +151,6 @@ class TestRelabelBadInput:
         assert run_tool(tmp_path / "nowhere", tmp_path / "out") == relabel.EXIT_FAILED
         assert "nowhere: image folder does not exist" in capsys.readouterr().err
 
-    def test_corrupt_image_names_the_files(self, tmp_path, capsys):
-        (tmp_path / "images" / "a").mkdir(parents=True)
-        (tmp_path / "images" / "a" / "broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-        assert run_tool(tmp_path / "images", tmp_path / "out") == relabel.EXIT_FAILED
-        err = capsys.readouterr().err
-        assert "decoding failed near images" in err and "broken.JPEG" in err
-        assert not (tmp_path / "out" / "index.json").exists()
-        assert not list((tmp_path / "out").glob("*.rls"))
-
     @pytest.mark.parametrize("flag", ["--size", "--topk", "--batch-size", "--records-per-shard"])
     def test_non_positive_arguments(self, flag, tmp_path, capsys):
         with pytest.raises(SystemExit):
@@ -432,3 +423,63 @@ class TestClassRestriction:
         monkeypatch.setattr(relabel, "build_annotator", lambda *args: ColourAnnotator())
         assert relabel.main([str(colour_tree), str(tmp_path / "out"), "--classes", "folders"]) == 1
         assert "--classes 'folders': expected imagenet, folder or a JSON file" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tree_with_bad_images(colour_tree, tmp_path):
+    """The six colour images, a corrupt JPEG among them and an empty PNG at the end."""
+    import shutil
+
+    root = tmp_path / "images"
+    shutil.copytree(colour_tree, root)
+    (root / "green" / "green_0b.png").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "red" / "red_9.png").write_bytes(b"")
+    (tmp_path / "classes.json").write_text(json.dumps(COLOUR_CLASSES))
+    return root
+
+
+def run_colour_tool(root, out, *extra):
+    return relabel.main([str(root), str(out), "--size", "32", "--topk", "2", "--threads", "2", "--batch-size", "2",
+                         "--records-per-shard", "3", "--dtype", "float32",
+                         "--classes", str(Path(root).parent / "classes.json"), *extra])
+
+
+class TestUndecodableImages:
+    def test_names_the_one_file_with_the_decoders_message(self, tree_with_bad_images, tmp_path, monkeypatch, capsys):
+        monkeypatch.setattr(relabel, "build_annotator", lambda *args: ColourAnnotator())
+        out = tmp_path / "out"
+        assert run_colour_tool(tree_with_bad_images, out) == relabel.EXIT_FAILED
+        err = capsys.readouterr().err
+        bad = tree_with_bad_images / "green" / "green_0b.png"
+        line = next(line for line in err.splitlines() if line.startswith("error:"))
+        assert line.startswith(f"error: {bad}: cannot be decoded: ")
+        assert "truncated JPEG (no end-of-image marker)" in line and "--on-error skip" in line
+        decoder_says = line.split("cannot be decoded: ")[1].split(";")[0]
+        assert decoder_says.strip() and "Critical error" not in decoder_says
+        for other in ("green_0.png", "green_1.png", "blue_1.png", "red_0.png"):  # its batch and neighbours
+            assert other not in line
+        assert not (out / "index.json").exists()
+
+    def test_skip_lists_the_skipped_images_and_exits_3(self, tree_with_bad_images, tmp_path, monkeypatch, capsys):
+        monkeypatch.setattr(relabel, "build_annotator", lambda *args: ColourAnnotator())
+        out = tmp_path / "out"
+        assert run_colour_tool(tree_with_bad_images, out, "--on-error", "skip") == relabel.EXIT_SKIPPED
+        err = capsys.readouterr().err
+        bad = {tree_with_bad_images / "green" / "green_0b.png", tree_with_bad_images / "red" / "red_9.png"}
+        assert "2 image(s) the decoder rejects were skipped" in err
+        for path in bad:
+            assert f"  {path}: " in err
+        assert "empty file" in err and "truncated JPEG" in err
+        reader = LabelShardReader(out)
+        good = sorted(relabel.label_key(path, tree_with_bad_images) for path in tree_with_bad_images.rglob("*.png")
+                      if path not in bad)
+        assert reader.keys == good and len(good) == 6
+        for key in reader.keys:  # the images after the bad one still carry their own maps
+            assert (reader[key][1][0] == sorted(COLOURS).index(key.split("/")[0])).all()
+        assert reader.verify() == 6
+        # the list survives a resume that keeps every shard
+        capsys.readouterr()
+        assert run_colour_tool(tree_with_bad_images, out, "--on-error", "skip") == relabel.EXIT_SKIPPED
+        captured = capsys.readouterr()
+        assert "3 of rank 0's shards kept" in captured.out and "2 image(s) the decoder rejects" in captured.err
+        assert len(list(out.glob(f"*{relabel.SKIPPED_SUFFIX}"))) == 2

@@ -4,7 +4,7 @@
     python tools/relabel.py IMAGE_ROOT OUT [--arch efficientnet-lite0|NAME|timm:NAME] [--weights FILE] [--size 480]
         [--classes imagenet|folder|FILE] [--topk 5] [--batch-size 32] [--dtype float32|float16|uint8]
         [--records-per-shard 10000]
-        [--exif] [--write-pt DIR] [--device auto|cpu|cuda] [--no-amp] [--limit N]
+        [--exif] [--write-pt DIR] [--device auto|cpu|cuda] [--no-amp] [--limit N] [--on-error fail|skip]
     torchrun --nproc_per_node 8 tools/relabel.py IMAGE_ROOT OUT ...
 
 Every image is decoded with DALI, resized to SIZE x SIZE without cropping (with the model's
@@ -27,8 +27,13 @@ run of whole shards, so the index keeps the sorted order for any number of proce
 writes index.json after all ranks finish. A killed run resumes by running the same command again
 (complete shards are kept, with any number of processes).
 
-Exit codes: 0 done; 1 bad arguments, unreadable image, or settings differing from the run being
-resumed.
+An image the decoder rejects stops the run with its name and the decoder's message
+(--on-error fail, the default; nothing of the shard being written is kept), or is left out of the
+shards (--on-error skip): the skipped images and the decoder's messages are listed at the end and
+kept in ``labels-NNNNN.skipped.json`` beside their shard, so a resumed run still reports them.
+
+Exit codes: 0 done; 1 bad arguments, an undecodable image (--on-error fail), or settings differing
+from the run being resumed; 3 done, but images were skipped (--on-error skip).
 """
 from __future__ import annotations
 
@@ -47,10 +52,12 @@ from relabel_dali import format as fmt
 from relabel_dali.annotator import build_annotator, class_subset, default_input_size, restrict_logits, topk_maps
 from relabel_dali.labelmaps import IMAGE_SUFFIXES, is_image, label_key, to_official
 from relabel_dali.atomic import atomic_open, atomic_write_bytes
+from relabel_dali.encoded import encoded_problem
 from relabel_dali.writer import LabelShardWriter
 
 SETTINGS_NAME = "relabel_settings.json"
-EXIT_OK, EXIT_FAILED = 0, 1
+EXIT_OK, EXIT_FAILED, EXIT_SKIPPED = 0, 1, 3
+SKIPPED_SUFFIX = ".skipped.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-amp", action="store_true", help="run in float32 on the GPU")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="DALI and torch CPU threads")
     parser.add_argument("--limit", type=int, help="annotate only the first N keys (for benchmarks)")
+    parser.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                        help="an image the decoder rejects: stop naming it (fail, default) or leave it out, "
+                             "list it and exit 3 (skip)")
     args = parser.parse_args(argv)
     for name in ("size", "topk", "batch_size", "records_per_shard", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -156,19 +166,87 @@ class Annotator:
         top1 = dense.float().mean((2, 3)).argmax(1)
         return scores.cpu().numpy(), class_ids.cpu().numpy(), top1.cpu().numpy()
 
-    def run(self, keys: list[str], files: list[Path], pipe_args: dict):
-        """Yields (key, scores [k, h, w], class_ids [k, h, w], global top-1 class)."""
-        pipe = annotation_pipeline(files, **pipe_args)
+    def run(self, keys: list[str], files: list[Path], pipe_args: dict, on_error: str = "fail"):
+        """Yields (key, scores [k, h, w], class_ids [k, h, w], top-1 class of the map's mean) per
+        image, in key order. An image the decoder rejects raises :class:`DecodeError` naming it
+        (``on_error="fail"``) or is yielded as (key, None, None, the decoder's message) ("skip"):
+        the pipeline is then rebuilt from the next image on."""
         batch_size = pipe_args["batch_size"]
-        for start in range(0, len(files), batch_size):
+        skipped: dict[int, str] = {}
+        position = 0  # the next image to yield
+        while position < len(files):
+            todo = [i for i in range(position, len(files)) if i not in skipped]
+            pipe = annotation_pipeline([files[i] for i in todo], **pipe_args) if todo else None
+            for start in range(0, len(todo), batch_size):
+                indices = todo[start:start + batch_size]
+                try:
+                    (batch,) = pipe.run()
+                except RuntimeError as error:
+                    bad = undecodable([files[i] for i in indices], pipe_args)
+                    if not bad:
+                        raise DecodeError(f"decoding failed in the batch of {files[indices[0]]} .. "
+                                          f"{files[indices[-1]]}, yet each of its images decodes alone: "
+                                          f"{decoder_message(str(error))}") from None
+                    if on_error == "fail":
+                        (first, message), *others = bad.items()
+                        also = f" ({len(others)} more in its batch)" if others else ""
+                        raise DecodeError(f"{files[indices[first]]}: cannot be decoded: {message}{also}; "
+                                          "--on-error skip leaves such images out") from None
+                    skipped.update({indices[j]: message for j, message in bad.items()})
+                    break
+                scores, class_ids, top1 = self.maps(to_torch(batch, self.device))
+                for j, i in enumerate(indices):
+                    for earlier in range(position, i):  # skipped images before this one
+                        yield keys[earlier], None, None, skipped[earlier]
+                    yield keys[i], scores[j], class_ids[j], int(top1[j])
+                    position = i + 1
+            else:
+                for earlier in range(position, len(files)):
+                    yield keys[earlier], None, None, skipped[earlier]
+                position = len(files)
+
+
+class DecodeError(RuntimeError):
+    """An image the decoder rejects."""
+
+
+def decoder_message(error: str) -> str:
+    """The part of a DALI pipeline error that the decoder wrote (after 'encountered:')."""
+    lines = [line.strip() for line in error.split("encountered:", 1)[-1].splitlines()]
+    lines = [line for line in lines if line and "pipeline object is no longer valid" not in line
+             and not line.startswith("Critical error in pipeline")]
+    return " ".join(lines) or error.strip()
+
+
+def undecodable(files: list[Path], pipe_args: dict) -> dict[int, str]:
+    """Decodes each file alone with the same decoder: {position in files: the decoder's message}
+    for those that fail. The decoder's own log lines (written to the process's stderr by the
+    native library) are captured and added to the message, and so is what a look at the bytes
+    finds (empty, truncated, not an image)."""
+    import tempfile
+
+    bad = {}
+    for position, path in enumerate(files):
+        with tempfile.TemporaryFile() as log:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            os.dup2(log.fileno(), 2)
             try:
-                (batch,) = pipe.run()
+                annotation_pipeline([path], **{**pipe_args, "batch_size": 1}).run()
+                failure = None
             except RuntimeError as error:
-                names = ", ".join(str(f) for f in files[start:start + 4 * batch_size])
-                raise RuntimeError(f"decoding failed near images {names}: {str(error).splitlines()[0]}") from None
-            scores, class_ids, top1 = self.maps(to_torch(batch, self.device))
-            for i, key in enumerate(keys[start:start + len(scores)]):
-                yield key, scores[i], class_ids[i], int(top1[i])
+                failure = decoder_message(str(error))
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            log.seek(0)
+            native = " ".join(line.strip() for line in log.read().decode(errors="replace").splitlines()
+                              if line.strip())
+        if failure is not None:
+            native = native.replace("\x1b[0;31m", "").replace("\x1b[0m", "")
+            structure = encoded_problem(path.read_bytes())
+            bad[position] = "; ".join(note for note in (failure, native, structure) if note)
+    return bad
 
 
 def map_size(model, size: int, device: torch.device) -> tuple[int, int]:
@@ -287,12 +365,17 @@ def relabel(args: argparse.Namespace) -> int:
     agree = known = 0
     annotate_started = time.perf_counter()
     if todo_keys:
-        stream = annotator.run(todo_keys, [images[key] for key in todo_keys], pipe_args)
+        stream = annotator.run(todo_keys, [images[key] for key in todo_keys], pipe_args, on_error=args.on_error)
         for j in todo:
             with writer.shard(names[j]) as shard:
+                skipped = {}
                 for expected_key in chunks[j]:
                     key, scores, class_ids, top1 = next(stream)
                     assert key == expected_key
+                    progress.update()
+                    if scores is None:
+                        skipped[str(images[key])] = top1  # the decoder's message
+                        continue
                     shard.add(key, scores, class_ids)
                     if args.write_pt is not None:
                         write_pt(args.write_pt, key, scores, class_ids)
@@ -300,7 +383,7 @@ def relabel(args: argparse.Namespace) -> int:
                     if label is not None:
                         known += 1
                         agree += top1 == label
-                    progress.update()
+                write_skipped(args.out / f"{names[j]}{SKIPPED_SUFFIX}", skipped)
     progress.close()
     annotate_seconds = time.perf_counter() - annotate_started
     barrier(world)
@@ -329,7 +412,30 @@ def relabel(args: argparse.Namespace) -> int:
             lines.append(f"  official-layout .pt maps in {args.write_pt}")
         print("\n".join(lines))
     barrier(world)
-    return EXIT_OK
+    skipped = read_skipped(args.out, names)
+    if skipped and rank == 0:
+        listing = "\n".join(f"  {path}: {message}" for path, message in sorted(skipped.items()))
+        print(f"{len(skipped)} image(s) the decoder rejects were skipped (not in the shards; "
+              f"listed in {args.out}/labels-*{SKIPPED_SUFFIX}):\n{listing}", file=sys.stderr)
+    return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def write_skipped(path: Path, skipped: dict[str, str]) -> None:
+    """Inside the shard's ``with``: the list is in place before the shard counts as done, and a
+    redone shard replaces an older list."""
+    if skipped:
+        atomic_write_bytes(path, (json.dumps(skipped, indent=1, sort_keys=True) + "\n").encode())
+    else:
+        path.unlink(missing_ok=True)
+
+
+def read_skipped(out: Path, names: list[str]) -> dict[str, str]:
+    skipped = {}
+    for name in names:
+        path = out / f"{name}{SKIPPED_SUFFIX}"
+        if path.exists():
+            skipped.update(json.loads(path.read_text()))
+    return skipped
 
 
 def main(argv=None) -> int:
