@@ -18,7 +18,8 @@ def build_model(cfg: Config) -> torch.nn.Module:
     ``pretrained=False``; ``data.num_classes`` outputs, ``model.kwargs`` to the constructor."""
     arch, kwargs = cfg.model.arch, dict(cfg.model.kwargs)
     if arch.startswith(TIMM_PREFIX):
-        model = build_timm_model(arch.removeprefix(TIMM_PREFIX), cfg.data.num_classes, kwargs)
+        model = build_timm_model(arch.removeprefix(TIMM_PREFIX), cfg.data.num_classes, kwargs,
+                                 image_size=cfg.data.image_size)
     else:
         available = torchvision.models.list_models(module=torchvision.models)
         if arch not in available:
@@ -30,7 +31,9 @@ def build_model(cfg: Config) -> torch.nn.Module:
     return model
 
 
-def build_timm_model(name: str, num_classes: int, kwargs: dict) -> torch.nn.Module:
+def build_timm_model(name: str, num_classes: int, kwargs: dict, image_size: int | None = None) -> torch.nn.Module:
+    """A model whose input size is fixed when it is built (a ViT's position embeddings) is built for
+    ``image_size`` unless ``kwargs`` set ``img_size``."""
     import timm
 
     if not timm.is_model(name):
@@ -40,6 +43,9 @@ def build_timm_model(name: str, num_classes: int, kwargs: dict) -> torch.nn.Modu
         if reserved in kwargs:
             raise ConfigError(f"model.kwargs.{reserved}: set by the trainer (weights are random; the class count "
                               "is data.num_classes)")
+    config = timm.models.get_pretrained_cfg(name)
+    if image_size is not None and config is not None and config.fixed_input_size:
+        kwargs = {"img_size": image_size, **kwargs}
     try:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     except TypeError as error:  # an argument the model's constructor does not take

@@ -154,6 +154,15 @@ class TestTimmStudent:
         schedule = build_schedule(cfg, optimizer, steps_per_epoch=10)
         assert (schedule.total_steps, schedule.warmup_steps, schedule.decay_type) == (3000, 50, "cos")
 
+    def test_vision_transformer_is_built_for_the_image_size(self):
+        from relabel_dali.models import build_model
+
+        cfg, _ = parse_command_line(["--model.arch", "timm:vit_tiny_patch16_224", "--data.image_size", "64",
+                                     "--data.num_classes", "3"])
+        model = build_model(cfg)
+        assert model.patch_embed.grid_size == (4, 4) and model.pos_embed.shape[1] == 1 + 16
+        assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+
     @pytest.mark.parametrize("arch, kwargs, message", [
         ("timm:resnet10x", "{}", "'timm:resnet10x' is not a timm model; closest: .*resnet10t"),
         ("timm:resnet10t", "{num_classes: 5}", "model.kwargs.num_classes: set by the trainer"),
