@@ -92,7 +92,7 @@ start=$(date +%s)
 seconds=$(( $(date +%s) - start ))
 
 case "$tool" in
-  buildah) size=$(buildah images --noheading --format '{{.Size}}' "$tag" | head -n 1) ;;
+  buildah) size=$(buildah images --noheading --format '{{.Size}}' "$tag" | sed -n 1p) ;;
   *) bytes=$("$tool" image inspect --format '{{.Size}}' "$tag")
      size=$(awk -v b="$bytes" 'BEGIN { printf "%.2f GB", b / 1e9 }') ;;
 esac
