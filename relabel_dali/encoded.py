@@ -1,9 +1,10 @@
 """Cheap looks at encoded image bytes: a structural check and the image size from the header.
 
-Both run per sample in the sample source's workers, so they read a few header bytes instead of
-opening the image: ``image_size`` walks JPEG markers to the frame header (about 100x cheaper than
+``encoded_problem`` and ``image_size`` run per sample in the sample source's workers, so they read a
+few header bytes instead of opening the image: ``image_size`` walks JPEG markers to the frame header (about 100x cheaper than
 ``PIL.Image.open``, which the source would otherwise pay per sample) and reads PNG's IHDR; other
-formats, and EXIF orientation, go through PIL.
+formats, and EXIF orientation, go through PIL. ``decode_problem`` is the full, strict decode of
+tools/check_dataset.py and of the trainer's pre-flight sample.
 """
 from __future__ import annotations
 
@@ -35,6 +36,37 @@ def encoded_problem(data: bytes) -> str | None:
     if data[:2] == b"BM" or data[:4] in (b"II*\0", b"MM\0*") or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
         return None
     return f"not an image (starts with {data[:8]!r})"
+
+
+def jpeg_problem(data: bytes) -> str | None:
+    """Decodes a JPEG with libjpeg-turbo in strict mode: recoverable errors (damaged entropy-coded
+    data, extraneous bytes, a scan that ends early) fail instead of yielding a patched-up image,
+    which is what Pillow and DALI's decoders return (with at most a printed warning)."""
+    import simplejpeg
+
+    try:
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+        simplejpeg.decode_jpeg(data, colorspace="CMYK" if colorspace in ("CMYK", "YCCK") else "RGB", strict=True)
+    except ValueError as error:
+        return f"corrupt JPEG data ({error})"
+    return None
+
+
+def decode_problem(data: bytes) -> str | None:
+    """A full, strict decode: None when the image decodes cleanly, else what is wrong."""
+    problem = encoded_problem(data)
+    if problem is not None:
+        return problem
+    if data[:3] == b"\xff\xd8\xff":
+        return jpeg_problem(data)
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception as error:  # PIL raises format-specific errors for broken files
+        return f"does not decode ({type(error).__name__}: {error})"
+    return None
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:

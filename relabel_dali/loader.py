@@ -17,7 +17,7 @@ import torch
 from .config import ConfigError
 from .reader import LabelShardReader, ShardCorruptError
 from .settings import Dataset, Labels, Runtime, TrainAugment, ValTransform
-from .sources import SampleSource, list_images, match_records
+from .sources import SampleSource, list_images, match_records, preflight_decodes
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ def build_train_loader(dataset: Dataset | str | os.PathLike, *, batch_size: int,
         listing, _ = match_records(listing, open_labels(labels, dataset.num_classes), dataset.on_bad_sample)
         label_root = labels.path
     _check_label_range(listing, dataset)
+    listing = preflight_decodes(listing, dataset.preflight_decodes, seed, dataset.on_bad_sample)
     source = SampleSource(listing, label_root, batch_size=batch_size, rank=rank, world_size=world_size,
                           seed=seed, shuffle=True, remainder="pad", start_epoch=start_epoch,
                           on_bad_sample=dataset.on_bad_sample, augment=augment)

@@ -47,12 +47,14 @@ class Dataset:
     class_map: str | dict = "folder"  # folder, imagenet, a JSON path or a dict of folder -> index
     num_classes: int = 1000
     on_bad_sample: str = "fail"  # fail: stop naming the file; skip: substitute the next good sample
+    preflight_decodes: int = 64  # images strictly decoded before training (0: none); check_dataset checks all
 
     def __post_init__(self):
         object.__setattr__(self, "image_root", Path(self.image_root))
         if self.file_list is not None:
             object.__setattr__(self, "file_list", Path(self.file_list))
         _positive("num_classes", self.num_classes)
+        _positive("preflight_decodes", self.preflight_decodes, zero=True)
         _one_of("on_bad_sample", self.on_bad_sample, BAD_SAMPLE_POLICIES)
 
 
@@ -159,8 +161,10 @@ class DataSettings:
 
         root = Path(data.data_path)
         common = dict(class_map=data.class_map, num_classes=data.num_classes, on_bad_sample=data.on_bad_sample)
-        train = build("train_folder", lambda: Dataset(root / data.train_folder, file_list=data.file_list, **common))
-        val = build("val_folder", lambda: Dataset(root / data.val_folder, file_list=data.val_file_list, **common))
+        train = build("train_folder", lambda: Dataset(root / data.train_folder, file_list=data.file_list,
+                                                      preflight_decodes=data.preflight_decodes, **common))
+        val = build("val_folder", lambda: Dataset(root / data.val_folder, file_list=data.val_file_list,
+                                                  preflight_decodes=0, **common))
         labels = None
         if data.relabel.use:
             if not data.relabel.path:

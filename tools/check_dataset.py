@@ -20,26 +20,15 @@ import sys
 import warnings
 from pathlib import Path
 
-import simplejpeg
 from PIL import Image
 
 from relabel_dali import FormatError, LabelShardReader
 from relabel_dali.progress import progress
-from relabel_dali.sources import encoded_problem, list_images
+from relabel_dali.encoded import encoded_problem, jpeg_problem
+from relabel_dali.sources import list_images
 from relabel_dali.writer import atomic_write_bytes
 
 JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-def jpeg_problem(data: bytes) -> str | None:
-    """Decodes a JPEG with libjpeg-turbo in strict mode: recoverable errors (damaged entropy-coded
-    data, extraneous bytes, a scan that ends early) fail instead of yielding a patched-up image."""
-    try:
-        colorspace = simplejpeg.decode_jpeg_header(data)[2]
-        simplejpeg.decode_jpeg(data, colorspace="CMYK" if colorspace in ("CMYK", "YCCK") else "RGB", strict=True)
-    except ValueError as error:
-        return f"corrupt JPEG data ({error})"
-    return None
 
 
 def check_image(path: Path) -> tuple[str | None, str | None]:
