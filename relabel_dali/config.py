@@ -214,9 +214,10 @@ def load_config(config_file: str | os.PathLike | None = None,
     items = overrides.items() if isinstance(overrides, dict) else (overrides or [])
     for key, raw in items:
         try:
-            current = lookup_default(tree, key)
+            lookup_default(defaults, key)  # the base config decides what is a key (model.kwargs is one)
         except KeyError:
             raise unknown_key_error(key, defaults, "command line") from None
+        current = Config.get_path(tree, key)
         value = raw if not isinstance(raw, str) else cast_string(key, raw, current)
         set_path(tree, key, value)
     return to_config(tree)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .config import Config, ConfigError
 from .distributed import DistEnv, all_reduce_sum
 from .losses import smooth_targets, soft_target_cross_entropy
 from .metrics import AccuracyMeter, RealLabels, load_real_labels
+from .progress import progress
 from .settings import DataSettings
 
 
@@ -165,8 +165,8 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, cfg: Config, epo
     if use_cutmix:
         from .cutmix import cutmix_batch
     steps = len(loader)
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="it", dynamic_ncols=True,
-               disable=not (env.is_main and cfg.util.progress), leave=False)
+    bar = progress(steps, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="it",
+                   disable=not (env.is_main and cfg.util.progress), leave=False)
     loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
     samples, wait_s = 0, 0.0
     start = last = time.perf_counter()
@@ -235,8 +235,8 @@ def evaluate(model, loader, cfg: Config, env: DistEnv, real: RealLabels | None =
     """Top-1/top-5 (and ReaL top-1) over the whole validation set, each image counted once."""
     model.eval()
     meter = AccuracyMeter(env.device, real)
-    for batch in tqdm(loader, desc="eval", unit="it", leave=False, dynamic_ncols=True,
-                      disable=not (env.is_main and cfg.util.progress)):
+    for batch in progress(loader, desc="eval", unit="it", leave=False,
+                          disable=not (env.is_main and cfg.util.progress)):
         images, batch = to_device(batch, env.device, cfg.model.channels_last)
         with autocast(env.device, cfg.compute.amp):
             logits = model(images).float()

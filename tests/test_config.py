@@ -146,3 +146,13 @@ class TestSaveConfig:
         again = load_config(tmp_path / "config.yaml")
         assert to_plain(again) == to_plain(cfg)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]  # no temp file left
+
+
+class TestDictValuedKeys:
+    def test_set_by_a_file_and_again_on_the_command_line(self, tmp_path):
+        from relabel_dali.config import load_config
+
+        (tmp_path / "c.yaml").write_text("model:\n  kwargs: {width_mult: 0.5}\n")
+        cfg = load_config(tmp_path / "c.yaml", [("model.kwargs", "{width_mult: 0.25}"),
+                                                ("model.kwargs", "{dropout: 0.1}")])
+        assert cfg.model.kwargs == {"dropout": 0.1}

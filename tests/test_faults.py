@@ -506,3 +506,81 @@ class TestSignals:
         for pid in left:  # do not leave them running if the test fails
             os.kill(pid, signal.SIGKILL)
         assert left == []
+
+
+class TestAnnotationJobs:
+    """tools/relabel.py: a resume continues only the same job; SIGTERM stops it cleanly."""
+
+    @pytest.fixture
+    def photos(self, tmp_path):
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        root = tmp_path / "photos"
+        for c, wnid in enumerate(("n01440764", "n01443537")):
+            (root / wnid).mkdir(parents=True)
+            for i in range(6):
+                pixels = (rng.random((40, 40, 3)) * 60 + np.roll([190, 40, 40], c)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / wnid / f"{wnid}_{i}.JPEG", quality=90)
+        return root
+
+    @pytest.fixture
+    def weights(self, tmp_path):
+        """A randomly initialised 1000-class ResNet-10t as the user's weights file (no download)."""
+        timm = pytest.importorskip("timm")
+        from safetensors.torch import save_file
+
+        torch.manual_seed(0)
+        path = tmp_path / "resnet10t.safetensors"
+        save_file(timm.create_model("resnet10t", pretrained=False).state_dict(), path)
+        return path
+
+    def annotate(self, photos, out, weights, *extra):
+        import relabel
+
+        return relabel.main([str(photos), str(out), "--arch", "timm:resnet10t", "--weights", str(weights), "--size",
+                             "32", "--batch-size", "4", "--records-per-shard", "4", "--threads", "1", *extra])
+
+    def test_resume_into_a_folder_of_other_images_refused(self, photos, weights, tmp_path, capsys):
+        assert self.annotate(photos, tmp_path / "out", weights) == 0
+        victim = sorted(photos.glob("*/*.JPEG"))[1]
+        os.utime(victim, (1, 1))  # same name, other file (as after a re-download)
+        capsys.readouterr()
+        assert self.annotate(photos, tmp_path / "out", weights) == 1
+        assert "made from other source files" in capsys.readouterr().err
+
+    def test_sigterm_stops_and_leaves_nothing(self, photos, weights, tmp_path):
+        import signal
+        import subprocess
+        import time
+        import uuid
+
+        token = uuid.uuid4().hex
+        many = tmp_path / "many"
+        for i in range(20):  # enough images that the run is still annotating when the signal comes
+            for source in sorted(photos.glob("*/*.JPEG")):
+                target = many / source.parent.name / f"{source.stem}_{i}.JPEG"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(source.read_bytes())
+        log = open(tmp_path / "relabel.log", "w")
+        process = subprocess.Popen([sys.executable, str(ROOT / "tools" / "relabel.py"), str(many), str(tmp_path / "out"),
+                                    "--arch", "timm:resnet10t", "--weights", str(weights), "--size", "32",
+                                    "--batch-size", "2",
+                                    "--records-per-shard", "8", "--threads", "1"],
+                                   env={**os.environ, "RELABEL_TEST_TOKEN": token, "RELABEL_PROGRESS_INTERVAL_S": "0"},
+                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 120
+        while "annotating" not in (tmp_path / "relabel.log").read_text():
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "relabel.log").read_text()
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        output = (tmp_path / "relabel.log").read_text()
+        assert process.returncode == 143, output
+        assert "stopped by SIGTERM" in output and "rerun the same command" in output
+        left = TestSignals().wait_gone(token)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert left == []
+        assert not list((tmp_path / "out").glob(".*.tmp"))  # nothing half-written in sight

@@ -32,8 +32,14 @@ An image the decoder rejects stops the run with its name and the decoder's messa
 shards (--on-error skip): the skipped images and the decoder's messages are listed at the end and
 kept in ``labels-NNNNN.skipped.json`` beside their shard, so a resumed run still reports them.
 
-Exit codes: 0 done; 1 bad arguments, an undecodable image (--on-error fail), or settings differing
-from the run being resumed; 3 done, but images were skipped (--on-error skip).
+A resume continues only the same job: each shard records its source images (path, size,
+modification time), and a complete shard made from other images stops the run naming the first
+difference. SIGTERM stops at the next image (the shard being written is discarded, complete ones
+stay); rerunning the same command continues.
+
+Exit codes: 0 done; 1 bad arguments, an undecodable image (--on-error fail), or settings or source
+images differing from the run being resumed; 3 done, but images were skipped (--on-error skip);
+143 stopped by SIGTERM.
 """
 from __future__ import annotations
 
@@ -46,13 +52,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from relabel_dali import format as fmt
 from relabel_dali.annotator import build_annotator, class_subset, default_input_size, restrict_logits, topk_maps
-from relabel_dali.labelmaps import IMAGE_SUFFIXES, is_image, label_key, to_official
 from relabel_dali.atomic import atomic_open, atomic_write_bytes
 from relabel_dali.encoded import encoded_problem
+from relabel_dali.engine import STOPPED_EXIT, StopRequest, Stopped
+from relabel_dali.labelmaps import IMAGE_SUFFIXES, is_image, label_key, to_official
+from relabel_dali.progress import progress
 from relabel_dali.writer import LabelShardWriter
 
 SETTINGS_NAME = "relabel_settings.json"
@@ -313,7 +320,8 @@ def barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def relabel(args: argparse.Namespace) -> int:
+def relabel(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
+    stop = stop or StopRequest()
     started = time.perf_counter()
     rank, world, local_rank = distributed()
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -347,11 +355,12 @@ def relabel(args: argparse.Namespace) -> int:
 
     height, width = map_size(model, args.size, device)
     writer = LabelShardWriter(args.out, k=args.topk, height=height, width=width,
-                              num_classes=num_classes, score_dtype=args.dtype)
+                              num_classes=num_classes, score_dtype=args.dtype, source_root=args.image_root)
     chunks = [keys[i:i + args.records_per_shard] for i in range(0, len(keys), args.records_per_shard)]
     names = [f"labels-{j:05d}" for j in range(len(chunks))]
     mine = range(rank * len(chunks) // world, (rank + 1) * len(chunks) // world)
-    todo = [j for j in mine if not writer.shard_done(names[j])]
+    sources = [{key: images[key] for key in chunk} for chunk in chunks]  # recorded per shard: a resume
+    todo = [j for j in mine if not writer.shard_done(names[j], sources[j])]  # must continue the same job
     todo_keys = [key for j in todo for key in chunks[j]]
 
     pipe_args = dict(size=args.size, mean=model.mean, std=model.std, interpolation=model.interpolation,
@@ -360,19 +369,20 @@ def relabel(args: argparse.Namespace) -> int:
     annotator = Annotator(model, topk=args.topk, device=device, amp=use_cuda and not args.no_amp,
                           class_ids=None if subset is None else subset[1])
     labels = folder_labels(todo_keys, subset, model.num_classes)
-    progress = tqdm(total=len(todo_keys), unit="img", desc=f"annotating (rank {rank})" if world > 1 else "annotating",
-                    disable=None if rank == 0 else True)
+    bar = progress(len(todo_keys), unit="img", desc=f"annotating (rank {rank})" if world > 1 else "annotating",
+                   disable=rank != 0)
     agree = known = 0
     annotate_started = time.perf_counter()
     if todo_keys:
         stream = annotator.run(todo_keys, [images[key] for key in todo_keys], pipe_args, on_error=args.on_error)
         for j in todo:
-            with writer.shard(names[j]) as shard:
+            with writer.shard(names[j], sources[j]) as shard:
                 skipped = {}
                 for expected_key in chunks[j]:
                     key, scores, class_ids, top1 = next(stream)
                     assert key == expected_key
-                    progress.update()
+                    bar.update()
+                    stop.check(f"in shard {names[j]} (its part is discarded; complete shards are kept)")
                     if scores is None:
                         skipped[str(images[key])] = top1  # the decoder's message
                         continue
@@ -384,7 +394,7 @@ def relabel(args: argparse.Namespace) -> int:
                         known += 1
                         agree += top1 == label
                 write_skipped(args.out / f"{names[j]}{SKIPPED_SUFFIX}", skipped)
-    progress.close()
+    bar.close()
     annotate_seconds = time.perf_counter() - annotate_started
     barrier(world)
     if rank == 0:
@@ -440,12 +450,17 @@ def read_skipped(out: Path, names: list[str]) -> dict[str, str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    stop = StopRequest.install()  # SIGTERM: stop at the next image, keep complete shards
     try:
-        return relabel(args)
+        return relabel(args, stop)
+    except Stopped as stopped:
+        print(f"relabel.py: {stopped}; rerun the same command to continue", file=sys.stderr)
+        return STOPPED_EXIT
     except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED
     finally:
+        stop.uninstall()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
