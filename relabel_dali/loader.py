@@ -121,7 +121,7 @@ def _dataset(dataset) -> Dataset:
 
 def open_labels(labels: Labels, num_classes: int) -> LabelShardReader:
     """The label shards, checked as ``labels.verify`` asks, and against ``num_classes``."""
-    reader = LabelShardReader(labels.path)
+    reader = LabelShardReader(labels.path, check_keys=labels.verify != "off")
     if reader.num_classes != num_classes:
         raise ConfigError(f"{labels.path}: label maps cover {reader.num_classes} classes, "
                           f"data.num_classes is {num_classes}")

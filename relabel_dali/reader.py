@@ -81,8 +81,11 @@ class LabelShardReader:
     reader can be handed to fork or spawn workers.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, check_keys: bool = True):
+        """``check_keys=False`` reads the keys files without comparing them with their checksums
+        (``data.verify_labels: off``)."""
         self.path = Path(path)
+        self.check_keys = check_keys
         self._open_metadata()
         self._maps: list[mmap.mmap] | None = None
         self._records: list[np.ndarray] | None = None
@@ -132,7 +135,7 @@ class LabelShardReader:
         if self._keys is None and self._keys_paths is not None:
             keys = []
             for keys_path, crc, count in zip(self._keys_paths, self._keys_crcs, self.counts):
-                keys.extend(read_keys(keys_path, crc, count))
+                keys.extend(read_keys(keys_path, crc if self.check_keys else None, count))
             if len(keys) != len(self):
                 raise fmt.FormatError(f"{self.path}: the shards hold {len(self)} records but the key "
                                       f"files hold {len(keys)} keys")

@@ -584,3 +584,20 @@ class TestAnnotationJobs:
             os.kill(pid, signal.SIGKILL)
         assert left == []
         assert not list((tmp_path / "out").glob(".*.tmp"))  # nothing half-written in sight
+
+
+def test_verify_labels_off_reads_swapped_keys_without_checking(tmp_path):
+    """The one thing ``data.verify_labels: off`` gives up: the keys checksum (open and full keep it)."""
+    from relabel_dali.loader import open_labels
+    from relabel_dali.reader import KeysCorruptError
+    from relabel_dali.settings import Labels
+
+    image_root, label_root, keys = make_dataset(tmp_path)
+    keys_file = next(label_root.glob("*.keys"))
+    lines = keys_file.read_text().splitlines(keepends=True)
+    lines[0], lines[1] = lines[1], lines[0]
+    keys_file.write_text("".join(lines))
+    for verify in ("open", "full"):
+        with pytest.raises(KeysCorruptError):
+            open_labels(Labels(label_root, verify=verify), 16).keys
+    assert open_labels(Labels(label_root, verify="off"), 16).keys[:2] == [keys[1], keys[0]]
