@@ -111,3 +111,13 @@ def find_image(root: Path, key: str) -> Path:
             if path.stem == stem and is_image(path):
                 return path
     raise FileNotFoundError(f"{root}: no image for key {key!r} ({'/'.join(IMAGE_SUFFIXES)}, any case)")
+
+
+def random_crops(rng: np.random.Generator, count: int, width: int, height: int) -> np.ndarray:
+    """Random-resized-crop boxes (area 8-100 %, aspect 3/4-4/3), normalized (x0, y0, x1, y1)."""
+    area = rng.uniform(0.08, 1.0, count) * width * height
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), count))
+    w = np.minimum(np.sqrt(area * aspect), width)
+    h = np.minimum(np.sqrt(area / aspect), height)
+    x0, y0 = rng.uniform(0, 1, count) * (width - w), rng.uniform(0, 1, count) * (height - h)
+    return np.stack([x0 / width, y0 / height, (x0 + w) / width, (y0 + h) / height], 1).astype(np.float32)

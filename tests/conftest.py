@@ -11,6 +11,8 @@ import os
 os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
 
 import io  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -75,6 +77,79 @@ def make_dataset(root, *, classes=2, per_class=4, size=(48, 64), labels=True, sc
 
 def info(idx, epoch=0):
     return SimpleNamespace(idx_in_epoch=idx, epoch_idx=epoch)
+
+
+# ---- shared helpers: official-format label map files (tools/pack_labels.py's input) ----------------
+def official_array(rng, k=5, size=15, num_classes=1000):
+    """An official-format [2, k, A, B] float array with scores sorted descending per location."""
+    scores = -np.sort(-rng.normal(0, 3, size=(k, size, size)), axis=0)
+    ids = np.stack([rng.choice(num_classes, size=k, replace=False) for _ in range(size * size)], axis=1)
+    return np.stack([scores, ids.reshape(k, size, size)]).astype(np.float32)
+
+
+def make_tree(root, count=12, seed=0, suffix=".pt"):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for i in range(count):
+        key = f"n{i % 3:08d}/n{i % 3:08d}_{i:04d}"
+        arrays[key] = official_array(rng)
+        path = root / f"{key}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save(path, arrays[key])
+    return arrays
+
+
+def save(path, array):
+    if path.suffix == ".pt":
+        torch.save(torch.from_numpy(array), path)
+    elif path.suffix == ".npy":
+        np.save(path, array)
+    else:
+        np.savez(path, labels=array)
+
+
+# ---- shared helpers: a tiny ImageNet-style training set for train.py ---------------------------
+CLASSES = ("n01440764", "n01443537", "n01484850")
+TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """24 training and 12 validation JPEGs (48x40, a dominant colour per class) with 3x5x5 label maps."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    writer = LabelShardWriter(root / "labels", k=3, height=5, width=5, num_classes=len(CLASSES),
+                              score_dtype="float16")
+    with writer.shard("labels-00000") as shard:
+        for c, wnid in enumerate(CLASSES):
+            colour = np.roll(np.array([180, 40, 40]), c)
+            for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+                (root / split / wnid).mkdir(parents=True)
+                for i in range(count):
+                    pixels = (rng.random((48, 40, 3)) * 70 + colour).clip(0, 255).astype(np.uint8)
+                    name = f"{wnid}_{split}_{i:03d}"
+                    Image.fromarray(pixels).save(root / split / wnid / f"{name}.JPEG", quality=90)
+                    if split == "train":
+                        ids = np.stack([np.full((5, 5), (c + j) % len(CLASSES)) for j in range(3)])
+                        scores = rng.normal(size=(3, 5, 5)) + np.array([3.0, 0.0, -1.0])[:, None, None]
+                        shard.add(f"{wnid}/{name}", scores, ids)
+    writer.finalize()
+    # ReaL entries in sorted file-name order; one image without acceptable labels.
+    names = sorted(f"{w}_val_{i:03d}" for w in CLASSES for i in range(VAL_PER_CLASS))
+    real = [[CLASSES.index(n.split("_")[0])] for n in names]
+    real[0] = []
+    (root / "real.json").write_text(json.dumps(real))
+    return root
+
+
+def argv_for(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data.data_path", str(root), "--data.relabel.path", str(root / "labels"),
+            "--data.class_map", "folder", "--data.num_classes", "3", "--data.image_size", "32",
+            "--model.arch", "mobilenet_v3_small", "--model.kwargs", "{width_mult: 0.25}",
+            "--optim.batch_size", "8", "--optim.lr.base_batch_size", "8", "--util.val_batch_size", "8",
+            "--optim.epochs", "2", "--optim.warmup.epochs", "1", "--data.num_threads", "1",
+            "--data.py_workers", "1", "--compute.device", "cpu", "--util.progress", "False",
+            "--util.output_dir", str(out), *extra]
 
 
 # ---- shared helpers: step-by-step colour references ----------------------------------------------

@@ -13,8 +13,7 @@ from PIL import Image
 from relabel_dali import LabelShardWriter
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import ablate  # noqa: E402
+from tools import ablate  # noqa: E402
 
 CLASSES = ("n01440764", "n01443537", "n01484850")
 TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 3

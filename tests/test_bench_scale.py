@@ -2,17 +2,15 @@
 quantities measured independently here (no speed is asserted)."""
 import json
 import pickle
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import bench_scale  # noqa: E402
+from relabel_dali.reader import LabelShardReader
+from relabel_dali.sources import list_images
+from tools import bench_scale
 
-from relabel_dali.reader import LabelShardReader  # noqa: E402
-from relabel_dali.sources import list_images  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_report_matches_an_independent_build(tmp_path):

@@ -1,17 +1,13 @@
 """tools/check_dataset.py: each bad-input case reported (and only those), exit codes, JSON."""
 import json
-import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
 from conftest import encode, gradient_image, make_dataset
 
 from relabel_dali import LabelShardReader
+from tools import check_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import check_dataset  # noqa: E402
 
 
 class TestCheckDataset:

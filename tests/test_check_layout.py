@@ -1,6 +1,5 @@
 """tools/check_layout.py: picks the layout maps were built in, from known boxes; its measures; bad input."""
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +8,9 @@ import torch
 from PIL import Image
 
 from relabel_dali.writer import LabelShardWriter
+from tools import check_layout
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import check_layout  # noqa: E402
 
 CELLS, K, CLASSES = 12, 5, 1000
 

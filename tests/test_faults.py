@@ -9,19 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import encode, make_dataset
-from test_pack_labels import make_tree, official_array, save
-from test_train import argv_for, tiny  # noqa: F401  (tiny is a fixture)
+from conftest import argv_for, encode, make_dataset, make_tree, official_array, save
 
 from relabel_dali import LabelShardReader, LabelShardWriter
 from relabel_dali import checkpoint as ckpt
 from relabel_dali import format as fmt
 from relabel_dali.progress import INTERVAL_ENV
+from tools import check_dataset, pack_labels
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import check_dataset  # noqa: E402
-import pack_labels  # noqa: E402
 
 
 def pack(src, out, *extra):
@@ -536,7 +532,7 @@ class TestAnnotationJobs:
         return path
 
     def annotate(self, photos, out, weights, *extra):
-        import relabel
+        from tools import relabel
 
         return relabel.main([str(photos), str(out), "--arch", "timm:resnet10t", "--weights", str(weights), "--size",
                              "32", "--batch-size", "4", "--records-per-shard", "4", "--threads", "1", *extra])

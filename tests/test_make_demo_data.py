@@ -1,7 +1,5 @@
 """tools/make_demo_data.py: counts, determinism, and spatially honest official-format label maps."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,9 +7,8 @@ import torch
 from PIL import Image
 
 from relabel_dali.labelmaps import to_canonical
+from tools import make_demo_data
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import make_demo_data  # noqa: E402
 
 
 @pytest.fixture(scope="module")

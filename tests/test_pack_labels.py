@@ -7,42 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+from conftest import make_tree, official_array, save
 
 from relabel_dali import LabelShardReader
 from relabel_dali.labelmaps import LabelMapError, find_image, label_key, sample_key, to_canonical, to_official
 
+from tools import pack_labels
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import pack_labels  # noqa: E402
-
-
-def official_array(rng, k=5, size=15, num_classes=1000):
-    """An official-format [2, k, A, B] float array with scores sorted descending per location."""
-    scores = -np.sort(-rng.normal(0, 3, size=(k, size, size)), axis=0)
-    ids = np.stack([rng.choice(num_classes, size=k, replace=False) for _ in range(size * size)], axis=1)
-    return np.stack([scores, ids.reshape(k, size, size)]).astype(np.float32)
-
-
-def make_tree(root, count=12, seed=0, suffix=".pt"):
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for i in range(count):
-        key = f"n{i % 3:08d}/n{i % 3:08d}_{i:04d}"
-        arrays[key] = official_array(rng)
-        path = root / f"{key}{suffix}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save(path, arrays[key])
-    return arrays
-
-
-def save(path, array):
-    if path.suffix == ".pt":
-        torch.save(torch.from_numpy(array), path)
-    elif path.suffix == ".npy":
-        np.save(path, array)
-    else:
-        np.savez(path, labels=array)
 
 
 def run(argv):
@@ -219,9 +192,8 @@ class TestResume:
         killed = tmp_path / "killed"
         # A real SIGKILL in the middle of the third shard: no cleanup code gets to run.
         script = textwrap.dedent(f"""
-            import os, signal, sys
-            sys.path.insert(0, {str(ROOT / 'tools')!r})
-            import pack_labels
+            import os, signal
+            from tools import pack_labels
             from relabel_dali.writer import ShardBuilder
             added = ShardBuilder.add
             calls = []
@@ -233,7 +205,7 @@ class TestResume:
             ShardBuilder.add = add
             pack_labels.main({[a if a else str(killed) for a in args]!r})
         """)
-        result = subprocess.run([sys.executable, "-c", script], capture_output=True)
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=ROOT)
         assert result.returncode == -9
         assert (killed / "labels-00001.keys").exists() and not (killed / "labels-00002.keys").exists()
         assert not (killed / "index.json").exists()

@@ -16,10 +16,9 @@ from PIL import Image
 
 from relabel_dali import LabelShardReader
 from relabel_dali.annotator import DenseClassifier, build_annotator, pool_boxes
+from tools import relabel
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import relabel  # noqa: E402
 
 pytest.importorskip("nvidia.dali")
 needs_lite = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None,

@@ -1,5 +1,4 @@
 """tools/show_labels.py: PNG figures of the expected size; unknown keys and images fail clearly."""
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,10 +7,9 @@ from PIL import Image
 
 from relabel_dali import imagenet
 from relabel_dali.writer import LabelShardWriter
+from tools import show_labels
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import show_labels  # noqa: E402
 
 KEYS = ["n01440764/a", "n01443537/b", "n01484850/c"]
 

@@ -1,6 +1,5 @@
 """End to end on a tiny dataset (CPU): exact resume, TensorBoard tags, test-only evaluation of
 saved and official-layout checkpoints, and a two-process torchrun run with disjoint shards."""
-import json
 import os
 import subprocess
 import sys
@@ -10,57 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import train
-from relabel_dali import LabelShardWriter
+from conftest import CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, argv_for
 from relabel_dali.config import parse_command_line
 from relabel_dali.distributed import DistEnv, init_distributed
 from relabel_dali.engine import build_data, resolve_start_method
 
 REPO = Path(__file__).resolve().parent.parent
-CLASSES = ("n01440764", "n01443537", "n01484850")
-TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 4
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """24 training and 12 validation JPEGs (48x40, a dominant colour per class) with 3x5x5 label maps."""
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    writer = LabelShardWriter(root / "labels", k=3, height=5, width=5, num_classes=len(CLASSES),
-                              score_dtype="float16")
-    with writer.shard("labels-00000") as shard:
-        for c, wnid in enumerate(CLASSES):
-            colour = np.roll(np.array([180, 40, 40]), c)
-            for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
-                (root / split / wnid).mkdir(parents=True)
-                for i in range(count):
-                    pixels = (rng.random((48, 40, 3)) * 70 + colour).clip(0, 255).astype(np.uint8)
-                    name = f"{wnid}_{split}_{i:03d}"
-                    Image.fromarray(pixels).save(root / split / wnid / f"{name}.JPEG", quality=90)
-                    if split == "train":
-                        ids = np.stack([np.full((5, 5), (c + j) % len(CLASSES)) for j in range(3)])
-                        scores = rng.normal(size=(3, 5, 5)) + np.array([3.0, 0.0, -1.0])[:, None, None]
-                        shard.add(f"{wnid}/{name}", scores, ids)
-    writer.finalize()
-    # ReaL entries in sorted file-name order; one image without acceptable labels.
-    names = sorted(f"{w}_val_{i:03d}" for w in CLASSES for i in range(VAL_PER_CLASS))
-    real = [[CLASSES.index(n.split("_")[0])] for n in names]
-    real[0] = []
-    (root / "real.json").write_text(json.dumps(real))
-    return root
-
-
-def argv_for(root: Path, out: Path, *extra: str) -> list[str]:
-    return ["--data.data_path", str(root), "--data.relabel.path", str(root / "labels"),
-            "--data.class_map", "folder", "--data.num_classes", "3", "--data.image_size", "32",
-            "--model.arch", "mobilenet_v3_small", "--model.kwargs", "{width_mult: 0.25}",
-            "--optim.batch_size", "8", "--optim.lr.base_batch_size", "8", "--util.val_batch_size", "8",
-            "--optim.epochs", "2", "--optim.warmup.epochs", "1", "--data.num_threads", "1",
-            "--data.py_workers", "1", "--compute.device", "cpu", "--util.progress", "False",
-            "--util.output_dir", str(out), *extra]
 
 
 def states_equal(a: dict, b: dict) -> bool:

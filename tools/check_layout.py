@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from relabel_dali import imagenet
 from relabel_dali.annotator import pool_boxes
-from relabel_dali.labelmaps import LAYOUTS, find_image, label_key, load_label_file
+from relabel_dali.labelmaps import LAYOUTS, find_image, label_key, load_label_file, random_crops
 from relabel_dali.reader import LabelShardReader
 from relabel_dali.writer import atomic_write_bytes
 
@@ -170,16 +170,6 @@ def mass_inside(scores: np.ndarray, ids: np.ndarray, class_id: int, box_norm) ->
     x0, y0, x1, y1 = box_norm
     weight = np.outer(cell_overlap(y0, y1, mass.shape[0]), cell_overlap(x0, x1, mass.shape[1]))
     return float((mass * weight).sum() / total)
-
-
-def random_crops(rng: np.random.Generator, count: int, width: int, height: int) -> np.ndarray:
-    """Random-resized-crop boxes (area 8-100 %, aspect 3/4-4/3), normalized (x0, y0, x1, y1)."""
-    area = rng.uniform(0.08, 1.0, count) * width * height
-    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), count))
-    w = np.minimum(np.sqrt(area * aspect), width)
-    h = np.minimum(np.sqrt(area / aspect), height)
-    x0, y0 = rng.uniform(0, 1, count) * (width - w), rng.uniform(0, 1, count) * (height - h)
-    return np.stack([x0 / width, y0 / height, (x0 + w) / width, (y0 + h) / height], 1).astype(np.float32)
 
 
 def iou(boxes: np.ndarray, box) -> np.ndarray:

@@ -25,11 +25,8 @@ from PIL import Image, ImageOps
 
 from relabel_dali import imagenet
 from relabel_dali.annotator import pool_boxes
-from relabel_dali.labelmaps import find_image
+from relabel_dali.labelmaps import find_image, random_crops
 from relabel_dali.reader import LabelShardReader
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_layout import random_crops  # noqa: E402
 
 EXIT_OK, EXIT_FAILED = 0, 1
 PANEL_INCHES, DPI = 3.0, 100
