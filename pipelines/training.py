@@ -174,9 +174,9 @@ def training_pipeline(source, augment: TrainAugment, runtime: Runtime, *, num_cl
         raise ValueError("fused=True needs a CPU runtime: resize_jitter_normalize is a CPU operator")
     use_relabel = source.with_labels
     if use_relabel or fused:
-        from relabel_dali.ops import load_label_pool
+        from relabel_dali.ops import load_operators
 
-        load_label_pool()
+        load_operators()
     dtype = OUTPUT_DTYPES[runtime.dtype]
     size = (augment.image_size, augment.image_size)
 

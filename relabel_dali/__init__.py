@@ -15,7 +15,7 @@ _EXPORTS = {
     "LabelShardWriter": "relabel_dali.writer",
     "FormatError": "relabel_dali.format",
     "pool_labels": "relabel_dali.pooling",
-    "load_label_pool": "relabel_dali.ops",
+    "load_operators": "relabel_dali.ops",
     "SampleSource": "relabel_dali.sources",
     "BadSampleError": "relabel_dali.sources",
     "build_train_loader": "relabel_dali.loader",

@@ -212,7 +212,7 @@ def build_capi() -> Path:
                                       nvcc, cuda_include))
 
 
-def load_label_pool() -> Path:
+def load_operators() -> Path:
     """Builds if needed and loads the plugin once per process; ``nvidia.dali.fn.label_pool`` and
     ``nvidia.dali.fn.resize_jitter_normalize`` exist after."""
     global _loaded_plugin

@@ -138,7 +138,7 @@ def test_runtime_writes_go_outside_the_image():
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     # The operator is built at image build time into the cache the runtime reads.
     assert env["RELABEL_DALI_CACHE"].startswith("/opt/")
-    assert any(op == "RUN" and "load_label_pool()" in rest and "build_capi()" in rest
+    assert any(op == "RUN" and "load_operators()" in rest and "build_capi()" in rest
                for op, rest in dockerfile_instructions())
 
 

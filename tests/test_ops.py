@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from relabel_dali import format as fmt
-from relabel_dali.ops import build_info, load_label_pool
+from relabel_dali.ops import build_info, load_operators
 from relabel_dali.pooling import pool_labels
 from relabel_dali.reference import MODES, clear_top2, random_boxes, random_topk_maps, reference_pool
 
@@ -18,7 +18,7 @@ TOL = 1e-6
 
 def run_label_pool(scores, class_ids, boxes, batch_size, device="cpu", scale=None, offset=None, **op_args):
     """Feeds numpy batches through fn.label_pool; returns [N, C] float32 numpy."""
-    load_label_pool()
+    load_operators()
     from nvidia.dali import fn, pipeline_def
 
     n = len(scores)
@@ -224,6 +224,6 @@ class TestBuildCache:
     def test_load_is_idempotent(self):
         from nvidia.dali import fn
 
-        assert load_label_pool() == load_label_pool()
+        assert load_operators() == load_operators()
         assert hasattr(fn, "label_pool")
-        assert build_info()["plugin"] == str(load_label_pool())
+        assert build_info()["plugin"] == str(load_operators())

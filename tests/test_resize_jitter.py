@@ -11,9 +11,9 @@ from nvidia.dali import fn, pipeline_def, types
 
 from pipelines.training import LIGHTING_BASIS
 from relabel_dali import augment
-from relabel_dali.ops import load_label_pool
+from relabel_dali.ops import load_operators
 
-load_label_pool()
+load_operators()
 
 MEAN_255 = [255.0 * m for m in augment.IMAGENET_MEAN]
 STD_255 = [255.0 * s for s in augment.IMAGENET_STD]

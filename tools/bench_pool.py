@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from relabel_dali.ops import build_info, load_label_pool
+from relabel_dali.ops import build_info, load_operators
 from relabel_dali.pooling import pool_labels
 from relabel_dali.reference import random_boxes, random_topk_maps, reference_pool
 from relabel_dali.writer import atomic_write_bytes
@@ -80,7 +80,7 @@ def kernel_us(fn, repeats, kernel) -> float | None:
 
 def dali_runner(scores, class_ids, boxes, batch, device, with_op=True):
     """One pipeline run per call: the inputs (fixed) through the operator, or only copied to the device."""
-    load_label_pool()
+    load_operators()
     from nvidia.dali import fn, pipeline_def
 
     s, i, b = scores.cpu().numpy(), class_ids.cpu().numpy().astype(np.uint16), boxes.cpu().numpy()

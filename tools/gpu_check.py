@@ -578,9 +578,9 @@ def pool_with_operator(scores, class_ids, boxes, mode: str, device: str, scale=N
     import numpy as np
     import torch
 
-    from relabel_dali.ops import load_label_pool
+    from relabel_dali.ops import load_operators
 
-    load_label_pool()
+    load_operators()
     from nvidia.dali import fn, pipeline_def
 
     arrays = [scores.numpy(), class_ids.numpy().astype(np.uint16), boxes.numpy()]
