@@ -1,6 +1,6 @@
 """Training configuration: YAML defaults, a YAML override file, then dotted command-line flags.
 
-``configs/base.yaml`` declares every key and, through its value, the key's type. A config file
+``configs/base.yaml`` (package data: ``relabel_dali/configs/base.yaml``) declares every key and, through its value, the key's type. A config file
 (``--config-file-path``) and command-line flags (``--optim.lr.init 0.1`` or ``--optim.lr.init=0.1``)
 may only set keys that exist there; an unknown key fails with the closest valid one. Command-line
 strings are cast to the type of the value they replace, the way the official ReLabel tool does.
@@ -17,7 +17,8 @@ import yaml
 
 from .writer import atomic_write_bytes
 
-BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
+# Package data, so that an installed (non-editable) package finds it; configs/base.yaml links here.
+BASE_CONFIG = Path(__file__).resolve().parent / "configs" / "base.yaml"
 TRUE_STRINGS = ("true", "t", "yes", "y", "1")
 FALSE_STRINGS = ("false", "f", "no", "n", "0")
 NONE_STRINGS = ("none", "null", "~")

@@ -4,9 +4,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from relabel_dali.config import BASE_CONFIG, ConfigError, load_config, parse_command_line, save_config, to_plain
+from relabel_dali.config import ConfigError, load_config, parse_command_line, save_config, to_plain
 
-CONFIGS = sorted(Path(BASE_CONFIG).parent.glob("*.yaml"))
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIGS_DIR.glob("*.yaml"))
 
 
 def write_yaml(path, data):
@@ -49,7 +50,7 @@ class TestConfigFiles:
         ("demo.yaml", {"compute.device": "cpu", "data.class_map": "folder", "data.num_classes": 19}),
     ])
     def test_recipes(self, name, expected):
-        cfg = load_config(Path(BASE_CONFIG).parent / name)
+        cfg = load_config(CONFIGS_DIR / name)
         assert {key: cfg.get_path(key) for key in expected} == expected
 
     def test_file_overrides_only_what_it_names(self, tmp_path):
