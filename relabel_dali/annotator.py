@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .reference import reference_pool
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1].
@@ -298,21 +300,8 @@ def topk_maps(dense_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
 
 def pool_boxes(scores, class_ids, boxes, num_classes: int = 1000) -> torch.Tensor:
     """LabelPooling of canonical maps ``[N, k, H, W]`` over normalized boxes ``[N, 4]`` -> class
-    probabilities ``[N, C]``: the library's ``pool_labels``, or, where that module is absent, the
-    same formula (docs/ARCHITECTURE.md) on the dense map with ``roi_align``."""
-    scores, class_ids = torch.as_tensor(scores, dtype=torch.float32), torch.as_tensor(class_ids)
-    boxes = torch.as_tensor(boxes, dtype=torch.float32)
-    try:
-        from relabel_dali.pooling import pool_labels
-    except ImportError:
-        pool_labels = None
-    if pool_labels is not None:
-        return pool_labels(scores, class_ids.to(torch.int64), boxes, num_classes=num_classes)
-    from torchvision.ops import roi_align
-
-    n, _, height, width = scores.shape
-    dense = scores.new_zeros(n, num_classes, height, width).scatter_(1, class_ids.to(torch.int64), scores)
-    scale = boxes.new_tensor([width, height, width, height])
-    rois = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], boxes * scale - 0.5], dim=1)
-    pooled = roi_align(dense, rois, output_size=1, spatial_scale=1.0, sampling_ratio=-1, aligned=False)
-    return torch.softmax(pooled.flatten(1), dim=1)
+    probabilities ``[N, C]`` (arrays or tensors in): the Python reference,
+    :func:`relabel_dali.reference.reference_pool`, so that tools inspecting a few maps need no
+    compiled operator."""
+    return reference_pool(torch.as_tensor(scores, dtype=torch.float32), torch.as_tensor(class_ids).long(),
+                          torch.as_tensor(boxes, dtype=torch.float32), num_classes)

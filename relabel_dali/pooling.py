@@ -10,11 +10,12 @@ import ctypes
 
 import torch
 
+from .format import MAX_CLASSES
+
 MODES = {"softmax": 0, "argmax": 1, "global_softmax": 2, "global_argmax": 3}
 SCORE_TYPES = {torch.float32: 0, torch.float16: 1, torch.uint8: 2}
 # Class id dtypes the CPU entry reads directly, range-checking as it goes (RELABEL_ID_* codes).
 ID_TYPES = {torch.uint16: 0, torch.int16: 1, torch.int32: 2, torch.int64: 3, torch.uint8: 4}
-MAX_CLASSES = 65536  # class ids travel as uint16
 
 
 def _per_sample(name: str, value, n: int, default: float, device) -> torch.Tensor | None:
