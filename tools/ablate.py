@@ -233,7 +233,8 @@ def chart_png(rows: list[dict], title: str) -> bytes:
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
     runs = sorted({row["runs"] for row in rows})
-    figure.suptitle(f"{title}: mean ± std over {'/'.join(map(str, runs))} seed(s), dots = single runs", fontsize=10)
+    spread = "one run each" if runs == [1] else f"mean ± std over {'/'.join(map(str, runs))} seeds, dots = single runs"
+    figure.suptitle(f"{title}: {spread}", fontsize=10)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
