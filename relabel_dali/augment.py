@@ -29,7 +29,6 @@ GREY_WEIGHTS = (0.299, 0.587, 0.114)
 
 RANDOM_AREA = (0.08, 1.0)
 RANDOM_ASPECT_RATIO = (3 / 4, 4 / 3)
-VAL_CROP_RATIO = 0.875
 
 
 # ---- per-sample random parameters ------------------------------------------------------------

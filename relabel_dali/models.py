@@ -9,7 +9,6 @@ import torchvision
 
 from .config import Config, ConfigError
 
-NORM_TYPES = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
 TIMM_PREFIX = "timm:"
 
 

@@ -30,7 +30,6 @@ from functools import lru_cache
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-HEADERS = ("label_pool_math.h", "label_pool.h", "label_pool_kernel.cuh", "label_pool_capi.h", "resize_jitter_math.h")
 CXX_FLAGS = ["-std=c++20", "-O3", "-fPIC"]
 # --fmad=false: fused multiply-adds would move roi_align sample points off torchvision's by an ulp.
 NVCC_FLAGS = ["-std=c++20", "-O3", "--fmad=false", "-Xcompiler", "-fPIC"]

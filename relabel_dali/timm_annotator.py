@@ -28,7 +28,6 @@ from torch import nn
 
 from .annotator import DenseClassifier
 
-PREFIX = "timm:"
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
 _PROBE_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
