@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torchvision.ops import roi_align
 
-MODES = ("softmax", "argmax", "global_softmax", "global_argmax")
+from .pooling import MODES  # the mode names, declared once (with their codes)
 
 
 def dense_label_maps(scores: torch.Tensor, class_ids: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -41,7 +41,7 @@ def reference_pool(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.T
                    mode: str = "softmax") -> torch.Tensor:
     """Pools canonical [N, k, y, x] maps over boxes (x0, y0, x1, y1) -> [N, C] float32, any of the modes."""
     if mode not in MODES:
-        raise ValueError(f"mode {mode!r}: expected one of {MODES}")
+        raise ValueError(f"mode {mode!r}: expected one of {tuple(MODES)}")
     dense = dense_label_maps(scores, class_ids, num_classes)
     n, _, h, w = dense.shape
     if mode.startswith("global"):

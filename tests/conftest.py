@@ -113,27 +113,34 @@ CLASSES = ("n01440764", "n01443537", "n01484850")
 TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 4
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """24 training and 12 validation JPEGs (48x40, a dominant colour per class) with 3x5x5 label maps."""
-    root = tmp_path_factory.mktemp("tiny")
+def write_tiny(root: Path, *, size=(48, 40), train: int = TRAIN_PER_CLASS, val: int = VAL_PER_CLASS,
+               cells: int = 5) -> Path:
+    """``root/{train,val}/<wnid>/*.JPEG`` (a dominant colour per class) and 3 x cells x cells label
+    maps for the training images in ``root/labels``."""
     rng = np.random.default_rng(0)
-    writer = LabelShardWriter(root / "labels", k=3, height=5, width=5, num_classes=len(CLASSES),
+    writer = LabelShardWriter(root / "labels", k=3, height=cells, width=cells, num_classes=len(CLASSES),
                               score_dtype="float16")
     with writer.shard("labels-00000") as shard:
         for c, wnid in enumerate(CLASSES):
             colour = np.roll(np.array([180, 40, 40]), c)
-            for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+            for split, count in (("train", train), ("val", val)):
                 (root / split / wnid).mkdir(parents=True)
                 for i in range(count):
-                    pixels = (rng.random((48, 40, 3)) * 70 + colour).clip(0, 255).astype(np.uint8)
+                    pixels = (rng.random((*size, 3)) * 70 + colour).clip(0, 255).astype(np.uint8)
                     name = f"{wnid}_{split}_{i:03d}"
                     Image.fromarray(pixels).save(root / split / wnid / f"{name}.JPEG", quality=90)
                     if split == "train":
-                        ids = np.stack([np.full((5, 5), (c + j) % len(CLASSES)) for j in range(3)])
-                        scores = rng.normal(size=(3, 5, 5)) + np.array([3.0, 0.0, -1.0])[:, None, None]
+                        ids = np.stack([np.full((cells, cells), (c + j) % len(CLASSES)) for j in range(3)])
+                        scores = rng.normal(size=(3, cells, cells)) + np.array([3.0, 0.0, -1.0])[:, None, None]
                         shard.add(f"{wnid}/{name}", scores, ids)
     writer.finalize()
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """24 training and 12 validation JPEGs (48x40) with 3x5x5 label maps, and ReaL labels."""
+    root = write_tiny(tmp_path_factory.mktemp("tiny"))
     # ReaL entries in sorted file-name order; one image without acceptable labels.
     names = sorted(f"{w}_val_{i:03d}" for w in CLASSES for i in range(VAL_PER_CLASS))
     real = [[CLASSES.index(n.split("_")[0])] for n in names]

@@ -2,44 +2,21 @@
 against each run's own metrics.json and checkpoint, reruns that keep finished runs, failure paths."""
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_tiny
 from PIL import Image
 
-from relabel_dali import LabelShardWriter
-
-ROOT = Path(__file__).resolve().parents[1]
-from tools import ablate  # noqa: E402
-
-CLASSES = ("n01440764", "n01443537", "n01484850")
-TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 3
+from tools import ablate
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """18 training and 9 validation JPEGs (40x40, a dominant colour per class) with 3x4x4 label maps."""
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    writer = LabelShardWriter(root / "labels", k=3, height=4, width=4, num_classes=len(CLASSES), score_dtype="float16")
-    with writer.shard("labels-00000") as shard:
-        for c, wnid in enumerate(CLASSES):
-            colour = np.roll(np.array([180, 40, 40]), c)
-            for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
-                (root / split / wnid).mkdir(parents=True)
-                for i in range(count):
-                    pixels = (rng.random((40, 40, 3)) * 70 + colour).clip(0, 255).astype(np.uint8)
-                    name = f"{wnid}_{split}_{i:03d}"
-                    Image.fromarray(pixels).save(root / split / wnid / f"{name}.JPEG", quality=90)
-                    if split == "train":
-                        ids = np.stack([np.full((4, 4), (c + j) % len(CLASSES)) for j in range(3)])
-                        scores = rng.normal(size=(3, 4, 4)) + np.array([3.0, 0.0, -1.0])[:, None, None]
-                        shard.add(f"{wnid}/{name}", scores, ids)
-    writer.finalize()
-    return root
+    return write_tiny(tmp_path_factory.mktemp("tiny"), size=(40, 40), train=6, val=3, cells=4)
 
 
 def overrides(root: Path, *extra: str) -> list[str]:

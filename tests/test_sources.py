@@ -1,6 +1,5 @@
 """Sample source: listing, class maps, epoch layout, encoded-image checks, the worker callable."""
 import io
-import itertools
 import json
 import pickle
 
