@@ -91,7 +91,9 @@ def find_cuda_include(nvcc: str | None) -> Path:
         if (folder / "cuda_runtime.h").is_file():
             return folder
     raise BuildError("cuda_runtime.h not found (DALI's operator headers need the CUDA headers even for CPU): "
-                     "install the CUDA toolkit (set CUDA_HOME) or `pip install nvidia-cuda-runtime nvidia-cuda-cccl`")
+                     "install the CUDA toolkit (set CUDA_HOME), or the wheels of one CUDA release: "
+                     "`pip install nvidia-cuda-runtime nvidia-cuda-cccl nvidia-cuda-crt` (crt/ holds "
+                     "host_config.h, which cuda_runtime.h includes)")
 
 
 @lru_cache(maxsize=None)
