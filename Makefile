@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed-dali-$(DALI_VARIANT)-$(DALI_VERSION)
 # The registry's default torch build (CUDA) is wanted: a local CPU-only wheel cannot load torchvision.
 PIP := PIP_FIND_LINKS= $(BIN)/python -m pip
 
-.PHONY: install demo demo-data demo-labels ablation test bench bench-loader check-demo clean-venv
+.PHONY: install demo demo-data demo-labels ablation test bench bench-loader check-demo clean-venv clean-demo
 
 install: $(STAMP)
 
@@ -91,6 +91,11 @@ check-demo: demo-labels
 
 clean-venv:
 	rm -rf $(VENV)
+
+# A demo folder made by an older version (label shards of format 1, other classes) is refused by
+# the tools with a message naming it; this removes the demo's data, labels and runs.
+clean-demo:
+	rm -rf $(DEMO_DIR) runs/demo runs/ablation
 
 # Checks this node: environment, build, parity, kernel/loader/trainer/annotator speed, with the
 # report in gpu_check/ (README "Check a GPU node"). Without a GPU it runs the CPU form.
