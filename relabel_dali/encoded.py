@@ -42,7 +42,11 @@ def jpeg_problem(data: bytes) -> str | None:
     """Decodes a JPEG with libjpeg-turbo in strict mode: recoverable errors (damaged entropy-coded
     data, extraneous bytes, a scan that ends early) fail instead of yielding a patched-up image,
     which is what Pillow and DALI's decoders return (with at most a printed warning)."""
-    import simplejpeg
+    try:
+        import simplejpeg
+    except ImportError:
+        raise ModuleNotFoundError("strict JPEG decoding needs simplejpeg (`pip install simplejpeg`, a project "
+                                  "dependency); or set data.preflight_decodes 0") from None
 
     try:
         colorspace = simplejpeg.decode_jpeg_header(data)[2]

@@ -387,6 +387,7 @@ def train_overrides(s: dict, data: Path, out_dir: Path, relabel: bool) -> list[s
         "optim.lr.base_batch_size": s["train_batch"], "optim.warmup.epochs": 0, "util.val_batch_size": s["train_batch"],
         "util.output_dir": out_dir, "util.val_every": 1000, "util.progress": False, "util.tensorboard": True,
         "util.print_freq": 1000,
+        "data.preflight_decodes": 0,  # generated, clean JPEGs; and a fresh node may lack simplejpeg
     }
     if relabel:
         settings["data.relabel.path"] = data / "labels"
