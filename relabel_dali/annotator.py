@@ -17,13 +17,13 @@ families need only a new adapter. timm models, vision transformers included, are
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .labelmaps import class_table
 from .reference import reference_pool
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -249,22 +249,7 @@ def class_subset(spec: str, folders: list[str], num_classes: int, arch: str = "t
 def _read_class_file(path: Path) -> dict[str, int]:
     if path.suffix.lower() != ".json" and not path.is_file():
         raise ValueError(f"--classes {str(path)!r}: expected imagenet, folder or a JSON file")
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"--classes {path}: unreadable ({error})") from None
-    if not isinstance(table, dict) or not table:
-        raise ValueError(f"--classes {path}: expected a JSON object of class name -> annotator class index "
-                         f"(or index -> name), got {type(table).__name__}")
-    if all(key.isdigit() for key in table) and all(isinstance(name, str) for name in table.values()):
-        # the inverse form, index -> name
-        if len(set(table.values())) != len(table):
-            raise ValueError(f"--classes {path}: a class name appears under two indices")
-        return {name: int(key) for key, name in table.items()}
-    for name, index in table.items():
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise ValueError(f"--classes {path}: class {name!r} -> {index!r}, expected an integer class index")
-    return dict(table)
+    return class_table(path, what="--classes", index_name="annotator class index")
 
 
 def _label_space_hint(num_classes: int) -> str:

@@ -225,10 +225,9 @@ def load_config(config_file: str | os.PathLike | None = None,
 
 
 def check_values(cfg: Config) -> None:
-    """Values that would otherwise fail late (after a whole epoch) or with a traceback; data
-    settings are checked where they are built (``settings.DataSettings.from_config``)."""
-    positive = ("optim.batch_size", "optim.epochs", "util.val_batch_size", "util.val_every", "util.print_freq",
-                "data.image_size", "data.num_classes", "data.num_threads")
+    """Values that would otherwise fail late (after a whole epoch) or with a traceback; the data
+    settings' values are checked where they are built (``settings.DataSettings.from_config``)."""
+    positive = ("optim.batch_size", "optim.epochs", "util.val_batch_size", "util.val_every", "util.print_freq")
     for key in positive:
         value = cfg.get_path(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -239,11 +238,8 @@ def check_values(cfg: Config) -> None:
         if not (root / folder).is_dir():
             raise ConfigError(f"data.data_path: {root / folder} is not a folder (data.data_path={str(root)!r}, "
                               f"folder {folder!r})")
-    if cfg.data.relabel.use and not cfg.util.test_only:
-        path = Path(cfg.data.relabel.path) if cfg.data.relabel.path else None
-        if path is None:
-            raise ConfigError("data.relabel.use is true but data.relabel.path is empty: point it at the "
-                              "packed label shards (tools/pack_labels.py) or set --data.relabel.use false")
+    if cfg.data.relabel.use and cfg.data.relabel.path and not cfg.util.test_only:
+        path = Path(cfg.data.relabel.path)  # an empty path is refused with the data settings
         if not path.exists():
             raise ConfigError(f"data.relabel.path: {path} does not exist (pack label maps with "
                               f"tools/pack_labels.py, or set --data.relabel.use false)")

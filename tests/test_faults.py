@@ -340,7 +340,6 @@ class TestTrainingLabelChecks:
     def test_non_finite_score_named_by_key(self, tiny, tmp_path):
         from relabel_dali.loader import build_train_loader
         from relabel_dali.settings import Dataset, Labels, Runtime, TrainAugment
-        from relabel_dali.sources import BadSampleError
 
         root = copy_tiny(tiny, tmp_path)
         key = self.damage_record(root, 2, np.nan)
@@ -354,7 +353,6 @@ class TestTrainingLabelChecks:
                                   augment=TrainAugment(image_size=16), runtime=Runtime(num_threads=1, py_workers=1))
         targets = torch.cat([batch["targets"] for batch in skip])
         assert torch.isfinite(targets).all() and skip.substituted >= 1
-        assert BadSampleError  # the error type the fail mode raises in the worker
 
     def test_swapped_keys_refused_at_start(self, tiny, tmp_path, capsys):
         import train
