@@ -569,6 +569,21 @@ def _workers_die_with_parent() -> None:
         _FORK_HOOK.append(True)
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: it exists and is not a zombie (killed, not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
 def _die_with_parent(owner: int | None = None) -> None:
     """Asks Linux to kill this worker process when its parent dies, so workers never outlive a
     killed trainer (SIGKILL included), even workers that have not served a sample yet. ``owner``:
@@ -578,12 +593,8 @@ def _die_with_parent(owner: int | None = None) -> None:
 
     parent = os.getppid()
     if owner is not None and parent != owner:
-        try:
-            os.kill(owner, 0)
-        except ProcessLookupError:  # orphaned before it could ask
+        if not _alive(owner):  # orphaned before it could ask (the owner may linger as a zombie)
             os._exit(1)
-        except PermissionError:
-            pass
         return  # not the owner's child: nothing to tie to
     try:
         import ctypes

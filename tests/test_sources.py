@@ -370,3 +370,22 @@ class TestSampleSource:
             SampleSource(image_root, batch_size=2, on_bad_sample="ignore")
         with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
             SampleSource(image_root, batch_size=0)
+
+
+def test_a_killed_unreaped_owner_counts_as_gone():
+    # A spawned worker that unpickles its source after the trainer was killed, but before anyone
+    # reaped it, must still see the owner as gone (and exit) rather than outlive it.
+    import signal
+    import subprocess
+    import time
+
+    from relabel_dali.sources import _alive
+
+    process = subprocess.Popen(["sleep", "30"])
+    assert _alive(process.pid)
+    process.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(process.pid)  # a zombie until the wait below
+    assert process.poll() is not None or process.wait(timeout=5) is not None
