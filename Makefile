@@ -103,4 +103,4 @@ clean-demo:
 GPU_CHECK_ARGS ?=
 .PHONY: gpu-check
 gpu-check: $(STAMP)
-	$(BIN)/python tools/gpu_check.py $(GPU_CHECK_ARGS)
+	$(BIN)/python -m tools.gpu_check $(GPU_CHECK_ARGS)

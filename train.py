@@ -18,16 +18,16 @@ from pathlib import Path
 import torch
 
 from relabel_dali.atomic import atomic_write_bytes
-from relabel_dali.checkpoint import (BEST_NAME, FORMAT, LAST_NAME, atomic_copy, load_checkpoint, load_model_weights,
+from relabel_dali.train.checkpoint import (BEST_NAME, FORMAT, LAST_NAME, atomic_copy, load_checkpoint, load_model_weights,
                                      resolve_resume, rng_state, save_keeping_previous, set_rng_state)
 from relabel_dali.config import ConfigError, check_values, parse_command_line, save_config, to_plain
-from relabel_dali.distributed import barrier, cleanup, init_distributed
-from relabel_dali.engine import (METRICS_NAME, STOPPED_EXIT, RunLogger, StopRequest, Stopped, build_data, build_real,
+from relabel_dali.train.distributed import barrier, cleanup, init_distributed
+from relabel_dali.train.engine import (METRICS_NAME, STOPPED_EXIT, RunLogger, StopRequest, Stopped, build_data, build_real,
                                  evaluate, train_one_epoch)
-from relabel_dali.format import FormatError
-from relabel_dali.models import build_model, unwrap
-from relabel_dali.optim import build_optimizer, build_schedule
-from relabel_dali.sources import BadSampleError
+from relabel_dali.store.format import FormatError
+from relabel_dali.train.models import build_model, unwrap
+from relabel_dali.train.optim import build_optimizer, build_schedule
+from relabel_dali.data.listing import BadSampleError
 
 
 def log(env, message: str) -> None:

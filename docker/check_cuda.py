@@ -48,7 +48,7 @@ def nvcc_version(nvcc: str) -> str:
 
 
 def find_nvcc() -> str | None:
-    from relabel_dali.ops import find_nvcc as project_find_nvcc
+    from relabel_dali.ops.build import find_nvcc as project_find_nvcc
 
     return project_find_nvcc() or shutil.which("nvcc")
 

@@ -4,7 +4,7 @@ over that box.
 ``training_pipeline(source, augment, runtime)`` only builds a graph from its arguments (no I/O, no
 global state beyond loading the operator plugin once); the caller builds and runs it. The graph
 draws no random numbers: every sample's crop window, box, flip, jitter factors and lighting
-coefficients arrive with the sample (``relabel_dali.sources``), which is what makes an epoch's
+coefficients arrive with the sample (``relabel_dali.data.source``), which is what makes an epoch's
 augmentation a pure function of (seed, rank, epoch, slot). Outputs, in order: ``images``
 ([3, S, S] float32/float16, normalized), ``boxes`` (float32 [4] normalized xyxy of the crop in the
 whole, unflipped image), ``targets`` (float32 [num_classes]: pooled soft labels when the source
@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
-from relabel_dali import augment as constants
-from relabel_dali.settings import POOL_MODES, Runtime, TrainAugment
+from relabel_dali.data import augment as constants
+from relabel_dali.data.settings import POOL_MODES, Runtime, TrainAugment
 
 OUTPUT_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}
 TRAIN_OUTPUTS = ("images", "boxes", "targets", "labels", "indices")
@@ -159,7 +159,7 @@ def resize_jitter_normalize(images, *, size, jitter, lighting, mirror, dtype, pa
 
 def training_pipeline(source, augment: TrainAugment, runtime: Runtime, *, num_classes: int,
                       pool_mode: str = "softmax", fused: bool | None = None):
-    """The training pipeline (unbuilt). ``source``: a ``relabel_dali.sources.SampleSource`` built
+    """The training pipeline (unbuilt). ``source``: a ``relabel_dali.data.source.SampleSource`` built
     with this ``augment``; targets are pooled from its label shards (``pool_mode``) when it has
     them, else one-hot. ``fused`` (default: on the CPU) resizes and jitters with the one
     ``resize_jitter_normalize`` operator instead of DALI's resize, saturation and normalize; it
@@ -174,7 +174,7 @@ def training_pipeline(source, augment: TrainAugment, runtime: Runtime, *, num_cl
         raise ValueError("fused=True needs a CPU runtime: resize_jitter_normalize is a CPU operator")
     use_relabel = source.with_labels
     if use_relabel or fused:
-        from relabel_dali.ops import load_operators
+        from relabel_dali.ops.build import load_operators
 
         load_operators()
     dtype = OUTPUT_DTYPES[runtime.dtype]

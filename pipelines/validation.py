@@ -11,8 +11,8 @@ import math
 
 from nvidia.dali import fn, types
 
-from relabel_dali import augment as constants
-from relabel_dali.settings import Runtime, ValTransform
+from relabel_dali.data import augment as constants
+from relabel_dali.data.settings import Runtime, ValTransform
 
 from .training import OUTPUT_DTYPES, read_source, source_pipeline
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .writer import atomic_write_bytes
+from relabel_dali.atomic import atomic_write_bytes
 
 # Package data, so that an installed (non-editable) package finds it; configs/base.yaml links here.
 BASE_CONFIG = Path(__file__).resolve().parent / "configs" / "base.yaml"

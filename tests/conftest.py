@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from relabel_dali import LabelShardWriter  # noqa: E402
-from relabel_dali.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from relabel_dali.data.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
 # ---- shared helpers: small datasets of photos whose colours name their coordinates ----------------

@@ -1,4 +1,4 @@
-"""relabel_dali.annotator and timm_annotator: exact FCN conversion, per-token ViT maps, dense top-k, adapters
+"""relabel_dali.annotate.annotator , dense and timm_models: exact FCN conversion, per-token ViT maps, dense top-k, adapters
 and their failure paths."""
 import importlib.util
 from pathlib import Path
@@ -9,8 +9,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from relabel_dali.annotator import (IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD, TorchvisionAdapter,
-                                    build_annotator, load_state_dict, pool_boxes, topk_maps)
+from relabel_dali.annotate.annotator import build_annotator, pool_boxes, topk_maps
+from relabel_dali.annotate.dense import (IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD, TorchvisionAdapter,
+                                         load_state_dict)
 
 
 def photo(name: str, size: int) -> torch.Tensor:
@@ -177,7 +178,7 @@ class TestTimmConvolutional:
         ("swin_tiny_patch4_window7_224", 64, {"img_size": 64, "window_size": 2}),  # NHWC features
     ])
     def test_dense_mean_equals_the_models_own_logits(self, name, size, kwargs):
-        from relabel_dali.timm_annotator import TimmConvAdapter
+        from relabel_dali.annotate.timm_models import TimmConvAdapter
 
         model = random_timm(name, **kwargs)
         adapter = TimmConvAdapter(model, name)
@@ -198,7 +199,7 @@ class TestTimmConvolutional:
                                               ("resnet10t", {"global_pool": "max"}),
                                               ("resnet10t", {"global_pool": "catavgmax"})])
     def test_heads_without_exact_dense_form_are_refused_by_name(self, name, kwargs):
-        from relabel_dali.timm_annotator import TimmConvAdapter
+        from relabel_dali.annotate.timm_models import TimmConvAdapter
 
         with pytest.raises(ValueError, match=f"timm:{name} has no exact fully-convolutional form"):
             TimmConvAdapter(random_timm(name, **kwargs), name)
@@ -208,7 +209,7 @@ class TestTimmVisionTransformer:
     SIZE = 64  # 4x4 patches of 16 px
 
     def dense_and_tokens(self, **kwargs):
-        from relabel_dali.timm_annotator import TimmTokenAdapter
+        from relabel_dali.annotate.timm_models import TimmTokenAdapter
 
         model = random_timm("vit_tiny_patch16_224", img_size=self.SIZE, **kwargs)
         adapter = TimmTokenAdapter(model, "vit_tiny_patch16_224")
@@ -239,7 +240,7 @@ class TestTimmVisionTransformer:
             torch.testing.assert_close(logits, model.head(tokens[:, 0]), rtol=1e-4, atol=1e-4)
 
     def test_patch_grid_layout_on_a_non_square_image(self):
-        from relabel_dali.timm_annotator import TimmTokenAdapter
+        from relabel_dali.annotate.timm_models import TimmTokenAdapter
 
         # No blocks: each token depends on its own patch only, so a change inside patch (row 1,
         # column 3) of a 3x5 grid must move that cell of the map and no other.
@@ -257,7 +258,7 @@ class TestTimmVisionTransformer:
         assert moved.max() < 1e-5
 
     def test_attention_pooling_is_refused(self):
-        from relabel_dali.timm_annotator import TimmTokenAdapter
+        from relabel_dali.annotate.timm_models import TimmTokenAdapter
 
         with pytest.raises(ValueError, match="pools its tokens with attention"):
             TimmTokenAdapter(random_timm("vit_tiny_patch16_224", img_size=64, global_pool="map"), "vit")
@@ -310,8 +311,8 @@ class TestBuildTimmAnnotator:
             build_annotator("timm:resnet10x", "w.pth")
 
     def test_the_papers_annotator_config(self):
-        from relabel_dali.annotator import default_input_size
-        from relabel_dali.timm_annotator import pretrained_config
+        from relabel_dali.annotate.annotator import default_input_size
+        from relabel_dali.annotate.timm_models import pretrained_config
 
         config = pretrained_config("tf_efficientnet_l2.ns_jft_in1k_475")
         assert default_input_size("timm:tf_efficientnet_l2.ns_jft_in1k_475") == 475

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from relabel_dali.reader import LabelShardReader
-from relabel_dali.sources import list_images
+from relabel_dali.store.reader import LabelShardReader
+from relabel_dali.data.listing import list_images
 from tools import bench_scale
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,12 +1,12 @@
-"""relabel_dali.benchdata: the generated images, .pt maps and label shards agree with each other."""
+"""relabel_dali.data.benchdata: the generated images, .pt maps and label shards agree with each other."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from relabel_dali.benchdata import make_benchmark_data, random_map
-from relabel_dali.labelmaps import to_canonical
-from relabel_dali.reader import LabelShardReader
+from relabel_dali.data.benchdata import make_benchmark_data, random_map
+from relabel_dali.store.labelmaps import to_canonical
+from relabel_dali.store.reader import LabelShardReader
 
 
 class TestMakeBenchmarkData:

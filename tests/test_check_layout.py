@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from relabel_dali.writer import LabelShardWriter
+from relabel_dali.store.writer import LabelShardWriter
 from tools import check_layout
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from relabel_dali import checkpoint as ckpt
+from relabel_dali.train import checkpoint as ckpt
 
 
 def small_model(seed=0):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from relabel_dali.cutmix import cutmix_batch, cutmix_box
+from relabel_dali.train.cutmix import cutmix_batch, cutmix_box
 
 
 def batch(size=6, classes=10, hw=(16, 20), device="cpu", dtype=torch.float32):

@@ -12,8 +12,8 @@ import torch
 from conftest import argv_for, encode, make_dataset, make_tree, official_array, save
 
 from relabel_dali import LabelShardReader, LabelShardWriter
-from relabel_dali import checkpoint as ckpt
-from relabel_dali import format as fmt
+from relabel_dali.train import checkpoint as ckpt
+from relabel_dali.store import format as fmt
 from relabel_dali.progress import INTERVAL_ENV
 from tools import check_dataset, pack_labels
 
@@ -338,8 +338,8 @@ class TestTrainingLabelChecks:
         assert "data.verify_labels full" in err and f"record 5 (key {key!r})" in err
 
     def test_non_finite_score_named_by_key(self, tiny, tmp_path):
-        from relabel_dali.loader import build_train_loader
-        from relabel_dali.settings import Dataset, Labels, Runtime, TrainAugment
+        from relabel_dali.data.loader import build_train_loader
+        from relabel_dali.data.settings import Dataset, Labels, Runtime, TrainAugment
 
         root = copy_tiny(tiny, tmp_path)
         key = self.damage_record(root, 2, np.nan)
@@ -582,9 +582,9 @@ class TestAnnotationJobs:
 
 def test_verify_labels_off_reads_swapped_keys_without_checking(tmp_path):
     """The one thing ``data.verify_labels: off`` gives up: the keys checksum (open and full keep it)."""
-    from relabel_dali.loader import open_labels
-    from relabel_dali.reader import KeysCorruptError
-    from relabel_dali.settings import Labels
+    from relabel_dali.data.loader import open_labels
+    from relabel_dali.store.reader import KeysCorruptError
+    from relabel_dali.data.settings import Labels
 
     image_root, label_root, keys = make_dataset(tmp_path)
     keys_file = next(label_root.glob("*.keys"))

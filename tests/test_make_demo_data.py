@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from relabel_dali.labelmaps import to_canonical
+from relabel_dali.store.labelmaps import to_canonical
 from tools import make_demo_data
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from relabel_dali.metrics import AccuracyMeter, RealLabels, load_real_labels, real_positions, topk_correct
+from relabel_dali.train.metrics import AccuracyMeter, RealLabels, load_real_labels, real_positions, topk_correct
 
 
 def brute_topk(logits, labels, k):

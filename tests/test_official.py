@@ -1,12 +1,12 @@
-"""relabel_dali.official: the official-style comparison loader pairs each image with its own map
+"""relabel_dali.data.official: the official-style comparison loader pairs each image with its own map
 and crop, and pools like the native operator."""
 import torch
 
-from relabel_dali.benchdata import make_benchmark_data
-from relabel_dali.labelmaps import to_canonical
-from relabel_dali.official import OfficialStyleDataset, OfficialStyleLoader
-from relabel_dali.pooling import pool_labels
-from relabel_dali.reference import official_label_pooling
+from relabel_dali.data.benchdata import make_benchmark_data
+from relabel_dali.store.labelmaps import to_canonical
+from relabel_dali.data.official import OfficialStyleDataset, OfficialStyleLoader
+from relabel_dali.ops.pooling import pool_labels
+from relabel_dali.ops.reference import official_label_pooling
 
 
 def test_dataset_items_and_loader_targets(tmp_path):

@@ -1,4 +1,4 @@
-"""The LabelPool DALI operator inside pipelines, and the build cache of relabel_dali.ops."""
+"""The LabelPool DALI operator inside pipelines, and the build cache of relabel_dali.ops.build."""
 import os
 import subprocess
 import sys
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from relabel_dali import format as fmt
-from relabel_dali.ops import build_info, load_operators
-from relabel_dali.pooling import pool_labels
-from relabel_dali.reference import MODES, clear_top2, random_boxes, random_topk_maps, reference_pool
+from relabel_dali.store import format as fmt
+from relabel_dali.ops.build import build_info, load_operators
+from relabel_dali.ops.pooling import pool_labels
+from relabel_dali.ops.reference import MODES, clear_top2, random_boxes, random_topk_maps, reference_pool
 
 TOL = 1e-6
 
@@ -174,7 +174,7 @@ class TestLabelPoolOperatorGpu:
 
 BUILD_SCRIPT = textwrap.dedent("""
     import json, sys
-    from relabel_dali import ops
+    from relabel_dali.ops import build as ops
     path = ops.build_plugin()
     print(json.dumps({"path": str(path), "built": ops.build_info()["built_now"]}))
 """)
@@ -206,7 +206,7 @@ class TestBuildCache:
         assert json.loads(stdout.strip().splitlines()[-1])["built"] == {"label_pool_dali2.4.0": False}
 
     def test_bad_arch_list_is_reported(self, monkeypatch):
-        from relabel_dali import ops
+        from relabel_dali.ops import build as ops
 
         monkeypatch.setenv("RELABEL_DALI_CUDA_ARCHS", "sm_90")
         with pytest.raises(ops.BuildError, match="RELABEL_DALI_CUDA_ARCHS='sm_90'"):
@@ -215,7 +215,7 @@ class TestBuildCache:
     @pytest.mark.parametrize("archs, ptx", [(["90"], "90"), (["80", "90"], "90"), (["90", "80"], "90"),
                                             (["100", "90"], "100")])
     def test_machine_code_for_every_arch_and_ptx_for_the_newest(self, archs, ptx):
-        from relabel_dali import ops
+        from relabel_dali.ops import build as ops
 
         flags = ops.nvcc_gencode(archs)
         assert sorted(flags) == sorted(f"-gencode=arch=compute_{a},code=sm_{a}" if a != ptx else

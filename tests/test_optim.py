@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from relabel_dali.config import load_config
-from relabel_dali.optim import WarmupDecaySchedule, build_optimizer, build_schedule, lr_at, param_groups, scaled_lr
+from relabel_dali.train.optim import WarmupDecaySchedule, build_optimizer, build_schedule, lr_at, param_groups, scaled_lr
 
 
 def reference_lrs(peak, warmup_lr, steps_per_epoch, epochs, warmup_epochs, decay):

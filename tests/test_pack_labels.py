@@ -11,7 +11,7 @@ import pytest
 from conftest import make_tree, official_array, save
 
 from relabel_dali import LabelShardReader
-from relabel_dali.labelmaps import LabelMapError, find_image, label_key, sample_key, to_canonical, to_official
+from relabel_dali.store.labelmaps import LabelMapError, find_image, label_key, sample_key, to_canonical, to_official
 
 from tools import pack_labels
 
@@ -194,7 +194,7 @@ class TestResume:
         script = textwrap.dedent(f"""
             import os, signal
             from tools import pack_labels
-            from relabel_dali.writer import ShardBuilder
+            from relabel_dali.store.writer import ShardBuilder
             added = ShardBuilder.add
             calls = []
             def add(self, *a, **k):

@@ -15,12 +15,12 @@ from nvidia.dali import fn, pipeline_def, types
 from pipelines.training import colour_transform, training_pipeline
 from pipelines.validation import validation_pipeline
 from relabel_dali import LabelShardReader, augment
-from relabel_dali.settings import Runtime, TrainAugment, ValTransform
-from relabel_dali.sources import SampleSource
+from relabel_dali.data.settings import Runtime, TrainAugment, ValTransform
+from relabel_dali.data.source import SampleSource
 
 MEAN = np.array(augment.IMAGENET_MEAN, np.float32)[:, None, None] * 255
 STD = np.array(augment.IMAGENET_STD, np.float32)[:, None, None] * 255
-HAVE_LABEL_POOL = importlib.util.find_spec("relabel_dali.ops") is not None
+HAVE_LABEL_POOL = importlib.util.find_spec("relabel_dali.ops.build") is not None
 
 
 def run_epoch(pipe, names):
@@ -120,11 +120,11 @@ class TestTargets:
         assert np.array_equal(out["targets"], expected)
         assert sorted(out["indices"].tolist()) == list(range(8))
 
-    @pytest.mark.skipif(not HAVE_LABEL_POOL, reason="relabel_dali.ops (the LabelPool operator) is not in the tree")
+    @pytest.mark.skipif(not HAVE_LABEL_POOL, reason="relabel_dali.ops.build (the LabelPool operator) is not in the tree")
     @pytest.mark.parametrize("score_dtype", ["float32", "float16", "uint8"])
     @pytest.mark.parametrize("mode", ["softmax", "argmax"])
     def test_soft_targets_are_pool_labels_of_the_box(self, tmp_path, score_dtype, mode):
-        from relabel_dali.pooling import pool_labels
+        from relabel_dali.ops.pooling import pool_labels
 
         image_root, label_root, keys = make_dataset(tmp_path, score_dtype=score_dtype)
         out = run_epoch(plain(image_root, label_root, seed=0, pool_mode=mode), NAMES)

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from relabel_dali import format as fmt
-from relabel_dali.pooling import pool_labels
-from relabel_dali.reference import (MODES, clear_top2, dense_label_maps, official_label_pooling,
+from relabel_dali.store import format as fmt
+from relabel_dali.ops.pooling import pool_labels
+from relabel_dali.ops.reference import (MODES, clear_top2, dense_label_maps, official_label_pooling,
                                     random_boxes, random_topk_maps, reference_pool)
 
 TOL = 1e-6

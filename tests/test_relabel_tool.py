@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from relabel_dali import LabelShardReader
-from relabel_dali.annotator import DenseClassifier, build_annotator, pool_boxes
+from relabel_dali.annotate.annotator import build_annotator, pool_boxes
+from relabel_dali.annotate.dense import DenseClassifier
 from tools import relabel
 
 ROOT = Path(__file__).resolve().parents[1]

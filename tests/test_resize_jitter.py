@@ -10,8 +10,8 @@ from conftest import LUMA, STEPS, jitter_step_by_step, pil_resize
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines.training import LIGHTING_BASIS
-from relabel_dali import augment
-from relabel_dali.ops import load_operators
+from relabel_dali.data import augment
+from relabel_dali.ops.build import load_operators
 
 load_operators()
 

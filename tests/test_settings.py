@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from relabel_dali.config import ConfigError, load_config
-from relabel_dali.settings import DataSettings, Dataset, Labels, Runtime, TrainAugment, ValTransform
+from relabel_dali.data.settings import DataSettings, Dataset, Labels, Runtime, TrainAugment, ValTransform
 
 # dataclass field -> its data.* key in configs/base.yaml (where the names differ)
 KEYS = {

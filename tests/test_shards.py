@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from relabel_dali import LabelShardReader, LabelShardWriter, ShardCorruptError
-from relabel_dali import format as fmt
-from relabel_dali.writer import SourcesChangedError
+from relabel_dali.store import format as fmt
+from relabel_dali.store.writer import SourcesChangedError
 
 
 def random_map(rng, k=5, height=15, width=15, num_classes=1000):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from relabel_dali import imagenet
-from relabel_dali.writer import LabelShardWriter
+from relabel_dali.data import imagenet
+from relabel_dali.store.writer import LabelShardWriter
 from tools import show_labels
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,11 +10,13 @@ from conftest import encode, gradient_image, info, make_dataset
 from PIL import Image
 
 from relabel_dali import LabelShardReader, LabelShardWriter
-from relabel_dali.augment import AugmentDraws, random_resized_crop_window
-from relabel_dali.encoded import image_size
-from relabel_dali.settings import TrainAugment
-from relabel_dali.sources import (AUGMENT_FIELDS, BadSampleError, Listing, SampleSource, encoded_problem,
-                                  epoch_permutation, list_images, load_class_map, rank_slots)
+from relabel_dali.data.augment import AugmentDraws, random_resized_crop_window
+from relabel_dali.data.encoded import image_size
+from relabel_dali.data.settings import TrainAugment
+from relabel_dali.data.encoded import encoded_problem
+from relabel_dali.data.listing import BadSampleError, Listing, list_images, load_class_map
+from relabel_dali.data.order import epoch_permutation, rank_slots
+from relabel_dali.data.source import AUGMENT_FIELDS, SampleSource
 
 
 class TestListing:
@@ -379,7 +381,7 @@ def test_a_killed_unreaped_owner_counts_as_gone():
     import subprocess
     import time
 
-    from relabel_dali.sources import _alive
+    from relabel_dali.data.workers import alive as _alive
 
     process = subprocess.Popen(["sleep", "30"])
     assert _alive(process.pid)

@@ -13,8 +13,8 @@ import torch
 import train
 from conftest import CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, argv_for
 from relabel_dali.config import parse_command_line
-from relabel_dali.distributed import DistEnv, init_distributed
-from relabel_dali.engine import build_data, resolve_start_method
+from relabel_dali.train.distributed import DistEnv, init_distributed
+from relabel_dali.train.engine import build_data, resolve_start_method
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -97,8 +97,8 @@ class TestTimmStudent:
         assert result == pytest.approx(straight["metrics"])  # what the run measured at its last epoch
 
     def test_deit_s_config_builds_the_recipe(self):
-        from relabel_dali.models import build_model
-        from relabel_dali.optim import build_optimizer, build_schedule
+        from relabel_dali.train.models import build_model
+        from relabel_dali.train.optim import build_optimizer, build_schedule
 
         cfg, _ = parse_command_line(["--config-file-path", str(REPO / "configs" / "relabel_deit_s.yaml")])
         model = build_model(cfg)
@@ -112,7 +112,7 @@ class TestTimmStudent:
         assert (schedule.total_steps, schedule.warmup_steps, schedule.decay_type) == (3000, 50, "cos")
 
     def test_vision_transformer_is_built_for_the_image_size(self):
-        from relabel_dali.models import build_model
+        from relabel_dali.train.models import build_model
 
         cfg, _ = parse_command_line(["--model.arch", "timm:vit_tiny_patch16_224", "--data.image_size", "64",
                                      "--data.num_classes", "3"])
@@ -202,7 +202,7 @@ class TestBuildData:
 DRIVER = textwrap.dedent("""
     import sys, torch
     import train
-    from relabel_dali.models import unwrap
+    from relabel_dali.train.models import unwrap
 
     out = sys.argv.pop(1)
     seen, original, original_eval = [], train.train_one_epoch, train.evaluate
@@ -270,16 +270,16 @@ def synthetic_batches(steps, batch=4, classes=3, size=16):
 class TestTrainOneEpoch:
     @pytest.mark.parametrize("epochs, off_epoch, expected", [(10, 5, [True] * 5 + [False] * 5), (3, 0, [True] * 3)])
     def test_cutmix_switched_off_for_last_epochs(self, epochs, off_epoch, expected):
-        from relabel_dali.engine import cutmix_active
+        from relabel_dali.train.engine import cutmix_active
 
         cfg, _ = parse_command_line(["--data.cutmix.prob", "1", "--data.cutmix.beta", "1",
                                      "--optim.epochs", str(epochs), "--data.cutmix.off_epoch", str(off_epoch)])
         assert [cutmix_active(cfg, e) for e in range(epochs)] == expected
 
     def test_steps_schedule_and_cutmix(self, monkeypatch):
-        import relabel_dali.cutmix as cutmix
-        from relabel_dali.engine import train_one_epoch
-        from relabel_dali.optim import build_optimizer, build_schedule, lr_at
+        import relabel_dali.train.cutmix as cutmix
+        from relabel_dali.train.engine import train_one_epoch
+        from relabel_dali.train.optim import build_optimizer, build_schedule, lr_at
 
         calls = []
         original = cutmix.cutmix_batch
@@ -306,8 +306,8 @@ class TestTrainOneEpoch:
         assert all(np.isfinite(s["loss"]) and 0 <= s["data_wait_fraction"] <= 1 for s in stats)
 
     def test_loader_shorter_than_len(self):
-        from relabel_dali.engine import train_one_epoch
-        from relabel_dali.optim import build_optimizer, build_schedule
+        from relabel_dali.train.engine import train_one_epoch
+        from relabel_dali.train.optim import build_optimizer, build_schedule
 
         class Short(ListLoader):
             def __len__(self):

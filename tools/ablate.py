@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from relabel_dali.atomic import atomic_write_bytes
-from relabel_dali.checkpoint import LAST_NAME, load_checkpoint
+from relabel_dali.train.checkpoint import LAST_NAME, load_checkpoint
 from relabel_dali.config import ConfigError, parse_command_line, to_plain
-from relabel_dali.engine import METRICS_NAME
+from relabel_dali.train.engine import METRICS_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 

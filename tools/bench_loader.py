@@ -7,7 +7,7 @@ Three loaders on the same images, the same augmentations and the same worker cou
 (a) this DALI pipeline with label shards and LabelPool, (b) the same without labels (one-hot),
 (c) the official-style torch DataLoader: PIL decode, per-image ``.pt`` top-k maps, then a dense
 scatter + ``roi_align`` + softmax per batch. Without ``--data`` it builds its own data set in a
-temporary folder (relabel_dali.benchdata): variants of the real photos that ship in the foolbox
+temporary folder (relabel_dali.data.benchdata): variants of the real photos that ship in the foolbox
 wheel, random official-format ``.pt`` maps, and label shards of the same maps.
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from relabel_dali.benchdata import make_benchmark_data
-from relabel_dali.official import OfficialStyleLoader
-from relabel_dali.writer import atomic_write_bytes
+from relabel_dali.data.benchdata import make_benchmark_data
+from relabel_dali.data.official import OfficialStyleLoader
+from relabel_dali.atomic import atomic_write_bytes
 
 
 # ---- timing ----------------------------------------------------------------------------------
@@ -79,8 +79,8 @@ def main(argv=None) -> int:
         parser.error("--data needs --labels and --pt")
     only = set(args.only or "abc")
 
-    from relabel_dali.loader import build_train_loader
-    from relabel_dali.settings import Labels, Runtime, TrainAugment
+    from relabel_dali.data.loader import build_train_loader
+    from relabel_dali.data.settings import Labels, Runtime, TrainAugment
 
     results = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                            "processor": platform.processor(), "gpu": None}, "device": args.device,

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from relabel_dali.ops import build_info, load_operators
-from relabel_dali.pooling import pool_labels
-from relabel_dali.reference import random_boxes, random_topk_maps, reference_pool
-from relabel_dali.writer import atomic_write_bytes
+from relabel_dali.ops.build import build_info, load_operators
+from relabel_dali.ops.pooling import pool_labels
+from relabel_dali.ops.reference import random_boxes, random_topk_maps, reference_pool
+from relabel_dali.atomic import atomic_write_bytes
 
 KERNELS = {"pool_labels": "pool_batch_kernel", "dali_op": "pool_samples_kernel"}
 

@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from relabel_dali import format as fmt
+from relabel_dali.store import format as fmt
 from relabel_dali.atomic import atomic_write_bytes
 from relabel_dali.progress import progress
-from relabel_dali.settings import TrainAugment
-from relabel_dali.writer import LabelShardWriter
+from relabel_dali.data.settings import TrainAugment
+from relabel_dali.store.writer import LabelShardWriter
 
 SIZES = {"imagenet-1k": (1_281_167, 1000), "imagenet-21k": (13_153_500, 21841)}
 TARGETS = {"build_s": 10.0, "pickled_mb": 40.0, "unpickle_s": 0.3, "worker_rss_mb": 60.0, "epoch_boundary_s": 1.0}
@@ -75,8 +75,9 @@ def make_dataset(root: Path, samples: int, classes: int) -> tuple[Path, Path, Pa
 
 def build_source(image_root: Path, file_list: Path, label_root: Path, classes: int):
     """The training source as ``loader.build_train_loader`` builds it, timed by part."""
-    from relabel_dali.reader import LabelShardReader
-    from relabel_dali.sources import SampleSource, list_images, match_records
+    from relabel_dali.store.reader import LabelShardReader
+    from relabel_dali.data.listing import list_images, match_records
+    from relabel_dali.data.source import SampleSource
 
     times = {}
     started = time.perf_counter()
@@ -118,7 +119,7 @@ def _touch(source) -> None:
 
 
 def _spawn_worker(payload: bytes, queue) -> None:
-    import relabel_dali.sources  # noqa: F401  (imports are not the listing's memory)
+    import relabel_dali.data.source  # noqa: F401  (imports are not the listing's memory)
 
     gc.collect()
     before = _rss_kb()

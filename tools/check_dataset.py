@@ -24,9 +24,9 @@ from PIL import Image
 
 from relabel_dali import FormatError, LabelShardReader
 from relabel_dali.progress import progress
-from relabel_dali.encoded import encoded_problem, jpeg_problem
-from relabel_dali.sources import list_images
-from relabel_dali.writer import atomic_write_bytes
+from relabel_dali.data.encoded import encoded_problem, jpeg_problem
+from relabel_dali.data.listing import list_images
+from relabel_dali.atomic import atomic_write_bytes
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 

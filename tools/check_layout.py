@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from relabel_dali import imagenet
-from relabel_dali.annotator import pool_boxes
-from relabel_dali.labelmaps import LAYOUTS, find_image, label_key, load_label_file, random_crops
-from relabel_dali.reader import LabelShardReader
-from relabel_dali.writer import atomic_write_bytes
+from relabel_dali.data import imagenet
+from relabel_dali.annotate.annotator import pool_boxes
+from relabel_dali.store.labelmaps import LAYOUTS, find_image, label_key, load_label_file, random_crops
+from relabel_dali.store.reader import LabelShardReader
+from relabel_dali.atomic import atomic_write_bytes
 
 EXIT_OK, EXIT_FAILED, EXIT_INCONCLUSIVE = 0, 1, 3
 

@@ -34,8 +34,8 @@ import torch
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from relabel_dali import imagenet
-from relabel_dali.labelmaps import to_official
+from relabel_dali.data import imagenet
+from relabel_dali.store.labelmaps import to_official
 
 MAP_SIZE = 15
 TOPK = 5

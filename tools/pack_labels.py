@@ -29,11 +29,12 @@ from collections import Counter
 from multiprocessing import get_context
 from pathlib import Path
 
-from relabel_dali import format as fmt
-from relabel_dali.labelmaps import (LABEL_SUFFIXES, LAYOUTS, LabelMapError, is_image, label_key, load_label_file,
+from relabel_dali.store import format as fmt
+from relabel_dali.store.labelmaps import (LABEL_SUFFIXES, LAYOUTS, LabelMapError, is_image, label_key, load_label_file,
                                    to_canonical)
 from relabel_dali.progress import progress
-from relabel_dali.writer import LabelShardWriter, SourcesChangedError, atomic_write_bytes
+from relabel_dali.atomic import atomic_write_bytes
+from relabel_dali.store.writer import LabelShardWriter, SourcesChangedError
 
 EXIT_OK, EXIT_FAILED, EXIT_SKIPPED = 0, 1, 3
 SETTINGS_NAME = "pack_settings.json"

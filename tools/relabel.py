@@ -53,14 +53,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relabel_dali import format as fmt
-from relabel_dali.annotator import build_annotator, class_subset, default_input_size, restrict_logits, topk_maps
+from relabel_dali.store import format as fmt
+from relabel_dali.annotate.annotator import build_annotator, class_subset, default_input_size, restrict_logits, topk_maps
 from relabel_dali.atomic import atomic_open, atomic_write_bytes
-from relabel_dali.encoded import encoded_problem
-from relabel_dali.engine import STOPPED_EXIT, StopRequest, Stopped
-from relabel_dali.labelmaps import IMAGE_SUFFIXES, is_image, label_key, to_official
+from relabel_dali.data.encoded import encoded_problem
+from relabel_dali.train.engine import STOPPED_EXIT, StopRequest, Stopped
+from relabel_dali.store.labelmaps import IMAGE_SUFFIXES, is_image, label_key, to_official
 from relabel_dali.progress import progress
-from relabel_dali.writer import LabelShardWriter
+from relabel_dali.store.writer import LabelShardWriter
 
 SETTINGS_NAME = "relabel_settings.json"
 EXIT_OK, EXIT_FAILED, EXIT_SKIPPED = 0, 1, 3
@@ -296,7 +296,7 @@ def folder_labels(keys: list[str], subset: tuple[list[str], list[int]] | None, n
         return {key: index[key.split("/")[0]] for key in keys if "/" in key and key.split("/")[0] in index}
     if num_classes != 1000:
         return {}
-    from relabel_dali import imagenet
+    from relabel_dali.data import imagenet
 
     try:
         lookup = {wnid: i for i, wnid in enumerate(imagenet.wnids())}

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from relabel_dali import imagenet
-from relabel_dali.annotator import pool_boxes
-from relabel_dali.labelmaps import find_image, random_crops
-from relabel_dali.reader import LabelShardReader
+from relabel_dali.data import imagenet
+from relabel_dali.annotate.annotator import pool_boxes
+from relabel_dali.store.labelmaps import find_image, random_crops
+from relabel_dali.store.reader import LabelShardReader
 
 EXIT_OK, EXIT_FAILED = 0, 1
 PANEL_INCHES, DPI = 3.0, 100

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_open
-from .models import strip_prefix
+from relabel_dali.atomic import atomic_open
+from relabel_dali.train.models import strip_prefix
 
 LAST_NAME = "checkpoint-last.pth"
 BEST_NAME = "checkpoint-best.pth"
 PREVIOUS_NAME = "checkpoint-previous.pth"
-FORMAT = "relabel_dali.checkpoint"
+FORMAT = "relabel_dali.train.checkpoint"
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:

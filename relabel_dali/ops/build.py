@@ -1,12 +1,12 @@
 """Builds the LabelPool native code against the installed DALI, caches it, and loads it once.
 
-Two shared libraries come from ``relabel_dali/csrc``:
+Two shared libraries come from ``relabel_dali/ops/csrc``:
 
 * the DALI plugin (``label_pool.cc`` + ``label_pool.cu``, ``resize_jitter.cc``), which registers
   ``fn.label_pool`` and the CPU training graph's ``fn.resize_jitter_normalize``. A plugin
   must match the installed DALI exactly (its symbols are versioned), so it is built here on first use
   rather than shipped;
-* the DALI-free C ABI library (``label_pool_capi.*``) that :mod:`relabel_dali.pooling` calls through
+* the DALI-free C ABI library (``label_pool_capi.*``) that :mod:`relabel_dali.ops.pooling` calls through
   ctypes.
 
 Builds are cached under ``$RELABEL_DALI_CACHE`` (default ``~/.cache/relabel_dali``), keyed by DALI

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .pooling import MODES
+from relabel_dali.ops.pooling import MODES
 
 BAD_SAMPLE_POLICIES = ("fail", "skip")
 POOL_MODES = tuple(MODES)  # declared with their codes in pooling.MODES (and label_pool_math.h)
@@ -151,7 +151,7 @@ class DataSettings:
     def from_config(cls, data, *, device: str = "cpu", start_method: str = "fork") -> "DataSettings":
         """``data``: the config's ``data`` section; ``device``/``start_method`` as resolved for this
         process. A bad value raises ``ConfigError`` naming its ``data.*`` key."""
-        from .config import ConfigError
+        from relabel_dali.config import ConfigError
 
         def build(key: str, make):
             try:

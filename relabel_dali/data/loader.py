@@ -14,10 +14,11 @@ import os
 
 import torch
 
-from .config import ConfigError
-from .reader import LabelShardReader, ShardCorruptError
-from .settings import Dataset, Labels, Runtime, TrainAugment, ValTransform
-from .sources import SampleSource, list_images, match_records, preflight_decodes
+from relabel_dali.config import ConfigError
+from relabel_dali.store.reader import LabelShardReader, ShardCorruptError
+from relabel_dali.data.settings import Dataset, Labels, Runtime, TrainAugment, ValTransform
+from relabel_dali.data.listing import list_images, match_records, preflight_decodes
+from relabel_dali.data.source import SampleSource
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def open_labels(labels: Labels, num_classes: int) -> LabelShardReader:
         raise ConfigError(f"{labels.path}: label maps cover {reader.num_classes} classes, "
                           f"data.num_classes is {num_classes}")
     if labels.verify == "full":
-        from .progress import progress
+        from relabel_dali.progress import progress
 
         reader.keys  # reads and checks the key files
         with progress(len(reader), desc=f"verifying {labels.path}", unit="rec") as bar:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import format as fmt
+from relabel_dali.store import format as fmt
 
 
 class ShardCorruptError(fmt.FormatError):

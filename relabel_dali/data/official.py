@@ -3,7 +3,7 @@ images with RandomResizedCrop (its crop box kept), flip, colour jitter, lighting
 plus each image's per-image ``.pt`` top-k map; the training loop then scatters the maps into dense
 ``[B, 1000, H, W]`` maps and pools them with ``roi_align`` (:func:`reference.official_label_pooling`).
 
-Used by tools/bench_loader.py and tools/gpu_check.py; not imported by the training path.
+Used by tools/bench_loader.py and tools/gpu_check; not imported by the training path.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import augment
-from .reference import official_label_pooling
+from relabel_dali.data import augment
+from relabel_dali.ops.reference import official_label_pooling
 
 
 class OfficialStyleDataset(torch.utils.data.Dataset):

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import format as fmt
-from .atomic import atomic_open, atomic_write_bytes
-from .reader import read_keys
+from relabel_dali.store import format as fmt
+from relabel_dali.atomic import atomic_open, atomic_write_bytes
+from relabel_dali.store.reader import read_keys
 
 SOURCES_SUFFIX = ".sources.json"
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .annotator import DenseClassifier
+from relabel_dali.annotate.dense import DenseClassifier
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
 _PROBE_TOLERANCE = dict(rtol=1e-4, atol=1e-4)

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .config import Config
+from relabel_dali.config import Config
 
 OPTIMIZERS = ("sgd", "adamw", "adamp")
 DECAY_TYPES = ("cos", "linear")

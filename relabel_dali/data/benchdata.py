@@ -77,8 +77,8 @@ def _write_chunk(job) -> int:
     """One worker's contiguous run of sorted keys: images, ``.pt`` maps and one label shard."""
     import torch
 
-    from .labelmaps import to_official
-    from .writer import LabelShardWriter
+    from relabel_dali.store.labelmaps import to_official
+    from relabel_dali.store.writer import LabelShardWriter
 
     root, name, indices, classes, seed, sizes = job
     writer = LabelShardWriter(root / "labels", k=5, height=15, width=15, num_classes=1000, score_dtype="float16")
@@ -115,7 +115,7 @@ def make_benchmark_data(root: str | Path, count: int, *, seed: int = 0, classes:
             done = _write_chunk(job)
             if progress:
                 progress(done)
-    from .writer import LabelShardWriter
+    from relabel_dali.store.writer import LabelShardWriter
 
     LabelShardWriter(root / "labels", k=5, height=15, width=15, num_classes=1000,
                      score_dtype="float16").finalize([job[1] for job in jobs])

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, ConfigError
-from .distributed import DistEnv, all_reduce_sum
-from .losses import smooth_targets, soft_target_cross_entropy
-from .metrics import AccuracyMeter, RealLabels, load_real_labels
-from .progress import progress
-from .settings import DataSettings
+from relabel_dali.config import Config, ConfigError
+from relabel_dali.train.distributed import DistEnv, all_reduce_sum
+from relabel_dali.train.losses import smooth_targets, soft_target_cross_entropy
+from relabel_dali.train.metrics import AccuracyMeter, RealLabels, load_real_labels
+from relabel_dali.progress import progress
+from relabel_dali.data.settings import DataSettings
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def build_data(cfg: Config, env: DistEnv, start_epoch: int = 0) -> Data:
     """The trainer's only contact with the data path: both loaders, built once per run, the
     training loader starting at ``start_epoch``. Call it before CUDA is touched: DALI's forked
     workers refuse a process with CUDA initialised."""
-    from . import loader
+    from relabel_dali.data import loader
 
     settings = data_settings(cfg, env)
     train = loader.build_train_loader(
@@ -163,7 +163,7 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, cfg: Config, epo
     generator = torch.Generator().manual_seed(epoch_seed(cfg.compute.seed, epoch, env.rank))
     use_cutmix = cutmix_active(cfg, epoch)
     if use_cutmix:
-        from .cutmix import cutmix_batch
+        from relabel_dali.train.cutmix import cutmix_batch
     steps = len(loader)
     bar = progress(steps, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="it",
                    disable=not (env.is_main and cfg.util.progress), leave=False)

@@ -1,6 +1,6 @@
 """Literal LabelPooling as the official ReLabel code computes it: dense scatter, roi_align, softmax.
 
-For tests, benchmarks and tools/gpu_check.py (and the official-style comparison loader): it builds
+For tests, benchmarks and tools/gpu_check (and the official-style comparison loader): it builds
 the dense [N, C, H, W] map the native operator avoids, so it is slow and memory hungry, and it
 shares no code with the operator. Every function runs on the device of its inputs.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torchvision.ops import roi_align
 
-from .pooling import MODES  # the mode names, declared once (with their codes)
+from relabel_dali.ops.pooling import MODES  # the mode names, declared once (with their codes)
 
 
 def dense_label_maps(scores: torch.Tensor, class_ids: torch.Tensor, num_classes: int) -> torch.Tensor:

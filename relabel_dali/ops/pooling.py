@@ -1,7 +1,7 @@
 """pool_labels: LabelPool on torch tensors outside a pipeline (tools, tests, CutMix re-pooling).
 
 The same native math as the DALI operator, reached through the DALI-free C ABI library that
-:mod:`relabel_dali.ops` builds. CPU tensors are pooled on ``torch.get_num_threads()`` threads; CUDA
+:mod:`relabel_dali.ops.build` builds. CPU tensors are pooled on ``torch.get_num_threads()`` threads; CUDA
 tensors on the current torch stream.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import ctypes
 
 import torch
 
-from .format import MAX_CLASSES
+from relabel_dali.store.format import MAX_CLASSES
 
 MODES = {"softmax": 0, "argmax": 1, "global_softmax": 2, "global_argmax": 3}
 SCORE_TYPES = {torch.float32: 0, torch.float16: 1, torch.uint8: 2}
@@ -66,7 +66,7 @@ def pool_labels(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tens
     ``validate=False`` skips the range checks of class ids and boxes on CUDA tensors, each of which
     synchronises the GPU (kernel benchmarks; the kernel still ignores out-of-range ids).
     """
-    from relabel_dali.ops import load_capi
+    from relabel_dali.ops.build import load_capi
 
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: expected one of {sorted(MODES)}")

@@ -1,4 +1,4 @@
-// C ABI of the DALI-free pooling library, loaded by relabel_dali/pooling.py through ctypes.
+// C ABI of the DALI-free pooling library, loaded by relabel_dali/ops/pooling.py through ctypes.
 //
 // Batches are contiguous: scores [n, k, h, w] (score_type from label_pool_math.h), class_ids
 // [n, k, h, w] uint16, boxes [n, 4] float32, scale/offset [n] float32 or null (1 and 0), out

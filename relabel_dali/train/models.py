@@ -7,7 +7,7 @@ import difflib
 import torch
 import torchvision
 
-from .config import Config, ConfigError
+from relabel_dali.config import Config, ConfigError
 
 TIMM_PREFIX = "timm:"
 
