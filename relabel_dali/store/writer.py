@@ -100,7 +100,10 @@ class ShardBuilder:
 
     def __enter__(self) -> "ShardBuilder":
         self._stack = ExitStack()
-        self._handle = self._stack.enter_context(atomic_open(self.path))
+        # With its sources known, a full disk is reported with the whole shard's size.
+        size = None if self.sources is None else \
+            fmt.HEADER_SIZE + len(self.sources) * self.writer.geometry.record_dtype.itemsize
+        self._handle = self._stack.enter_context(atomic_open(self.path, size_hint=size, size_qualifier="up to"))
         self._handle.write(b"\0" * fmt.HEADER_SIZE)  # the real header is written last
         return self
 
@@ -126,18 +129,31 @@ class ShardBuilder:
         return error
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None and self.sources is not None:
-            # Before the keys file: a complete shard always has its sources record.
-            rows = describe_sources(self.sources, self.writer.source_root)
-            atomic_write_bytes(self.writer.sources_path(self.name), (json.dumps({"sources": rows}) + "\n").encode())
+        failed = None
         if exc_type is None:
-            self._handle.seek(0)
-            self._handle.write(fmt.make_header(self.writer.geometry, len(self.keys)).tobytes())
+            try:
+                self._complete()
+            except BaseException as error:  # e.g. a full disk: the temporary file goes too
+                failed, exc_type, exc, tb = error, type(error), error, error.__traceback__
         # Renames the finished shard into place, or removes the temporary file on an exception.
         self._stack.__exit__(exc_type, exc, tb)
         self._handle = None
+        if failed is not None:
+            raise failed
         if exc_type is None:
-            atomic_write_bytes(self.writer.keys_path(self.name), "".join(k + "\n" for k in self.keys).encode())
+            try:
+                atomic_write_bytes(self.writer.keys_path(self.name), "".join(k + "\n" for k in self.keys).encode())
+            except BaseException:
+                self.path.unlink(missing_ok=True)  # no shard without its keys: a rerun writes both
+                raise
+
+    def _complete(self) -> None:
+        if self.sources is not None:
+            # Before the keys file: a complete shard always has its sources record.
+            rows = describe_sources(self.sources, self.writer.source_root)
+            atomic_write_bytes(self.writer.sources_path(self.name), (json.dumps({"sources": rows}) + "\n").encode())
+        self._handle.seek(0)
+        self._handle.write(fmt.make_header(self.writer.geometry, len(self.keys)).tobytes())
 
 
 class LabelShardWriter:
