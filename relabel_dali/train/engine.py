@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from relabel_dali.atomic import disk_full_error, is_disk_full
 from relabel_dali.config import Config, ConfigError
 from relabel_dali.train.distributed import DistEnv, all_reduce_sum
 from relabel_dali.train.losses import smooth_targets, soft_target_cross_entropy
@@ -246,21 +248,52 @@ def evaluate(model, loader, cfg: Config, env: DistEnv, real: RealLabels | None =
 
 # ---- logging -------------------------------------------------------------------------------------
 class RunLogger:
-    """TensorBoard scalars, written by rank 0 only; other ranks get a logger that does nothing."""
+    """TensorBoard scalars, written by rank 0 only; other ranks get a logger that does nothing.
+
+    A full disk (or quota) ends the logging with one warning that names the folder, the bytes needed
+    and the bytes free; training goes on to its next checkpoint, which checks for room itself (on
+    every rank at once, where a failing log write would stop rank 0 alone)."""
 
     def __init__(self, log_dir: str | Path | None):
-        self.writer = None
+        self.writer, self.log_dir = None, log_dir
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            _quiet_tensorboard_thread()
+            self._guarded(lambda: setattr(self, "writer", SummaryWriter(log_dir=str(log_dir))))
+
+    def _guarded(self, write) -> None:
+        try:
+            write()
+        except OSError as error:  # raised here by TensorBoard's writer thread, or directly
+            if not is_disk_full(error):
+                raise
+            self.writer = None
+            print(f"warning: TensorBoard logging stops: {disk_full_error(error, self.log_dir)}", file=sys.stderr,
+                  flush=True)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
+            self._guarded(lambda: self.writer.add_scalar(tag, value, step))
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+            self._guarded(self.writer.flush)
+        if self.writer is not None:
+            self._guarded(self.writer.close)
+
+
+def _quiet_tensorboard_thread() -> None:
+    """TensorBoard's writer thread dies on a full disk with a traceback of its own, then raises the
+    same error at the logger's next call, where it is reported once: no traceback for it."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_tensorboard", False):
+        return
+
+    def hook(args) -> None:
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and is_disk_full(args.exc_value)):
+            previous(args)
+
+    hook.quiet_tensorboard = True
+    threading.excepthook = hook
 
