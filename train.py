@@ -4,9 +4,10 @@
     torchrun --nproc_per_node=8 train.py --config-file-path configs/relabel_train_resnet50.yaml
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py ...
 
-Exit codes: 0 done, 1 training failed, 2 bad configuration or command line, 143 stopped by
-SIGTERM (at a step boundary; the workers end with it; ``--resume auto`` continues from the last
-checkpoint).
+Exit codes: 0 done, 1 training failed, 2 bad configuration or command line (or an output folder
+without room for two checkpoints), 75 the output folder filled up (the last checkpoint is intact;
+``--resume auto`` continues once space is freed), 143 stopped by SIGTERM (at a step boundary; the
+workers end with it; ``--resume auto`` continues from the last checkpoint).
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from relabel_dali.atomic import atomic_write_bytes
-from relabel_dali.train.checkpoint import (BEST_NAME, FORMAT, LAST_NAME, atomic_copy, load_checkpoint, load_model_weights,
-                                     resolve_resume, rng_state, save_keeping_previous, set_rng_state)
+from relabel_dali.atomic import DISK_FULL_EXIT, DiskFullError, atomic_write_bytes
+from relabel_dali.train.checkpoint import (BEST_NAME, FORMAT, LAST_NAME, atomic_link, estimate_checkpoint_bytes,
+                                           load_checkpoint, load_model_weights, resolve_resume, rng_state,
+                                           room_problem, save_keeping_previous, set_rng_state)
 from relabel_dali.config import ConfigError, check_values, parse_command_line, save_config, to_plain
-from relabel_dali.train.distributed import barrier, cleanup, init_distributed
+from relabel_dali.train.distributed import cleanup, init_distributed, on_main
 from relabel_dali.train.engine import (METRICS_NAME, STOPPED_EXIT, RunLogger, StopRequest, Stopped, build_data, build_real,
                                  evaluate, train_one_epoch)
 from relabel_dali.store.format import FormatError
@@ -51,11 +53,27 @@ def evaluate_weights(cfg, env, data, model) -> dict:
     return evaluate(model, data.val, cfg, env, build_real(cfg, data.val_keys))
 
 
-def save(path, model, optimizer, schedule, scaler, cfg, epoch, best_top1, last_metrics) -> None:
+def save(out_dir: Path, model, optimizer, schedule, scaler, cfg, epoch, best_top1, last_metrics, improved,
+         stats) -> None:
+    """The epoch's checkpoint (refused, DiskFullError, before the last one is touched when the disk
+    has no room for it), the best one (a hard link) and metrics.json."""
     save_keeping_previous({"format": FORMAT, "epoch": epoch, "model": unwrap(model).state_dict(),
                            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                            "scaler": scaler.state_dict(), "best_top1": best_top1, "metrics": last_metrics,
-                           "config": to_plain(cfg), "rng": rng_state(), "arch": cfg.model.arch}, path)
+                           "config": to_plain(cfg), "rng": rng_state(), "arch": cfg.model.arch},
+                          out_dir / LAST_NAME, size=estimate_checkpoint_bytes(unwrap(model), optimizer))
+    if improved:
+        atomic_link(out_dir / LAST_NAME, out_dir / BEST_NAME)
+    write_metrics(out_dir / METRICS_NAME, epoch, last_metrics, best_top1, stats)
+
+
+def prepare_output(cfg, out_dir: Path, model, optimizer) -> None:
+    """Before any training, so that a full disk does not cost an epoch: room for two checkpoints."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    problem = room_problem(out_dir, estimate_checkpoint_bytes(model, optimizer))
+    if problem:
+        raise ConfigError(f"util.output_dir {problem}; free space or choose another folder")
+    save_config(cfg, out_dir / "config.yaml")
 
 
 def write_metrics(path, epoch: int, metrics: dict, best_top1: float, stats: dict) -> None:
@@ -103,9 +121,7 @@ def train(cfg, env, data, state, checkpoint_path, stop: StopRequest) -> int:
         set_rng_state(state["rng"])
         start_epoch, best_top1, metrics = state["epoch"], state["best_top1"], state.get("metrics", {})
         log(env, f"resumed from {checkpoint_path} at epoch {start_epoch}")
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
+    on_main(env, lambda: prepare_output(cfg, out_dir, model, optimizer), ConfigError, DiskFullError)
     if env.distributed:
         ids = [env.device.index] if env.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -128,12 +144,8 @@ def train(cfg, env, data, state, checkpoint_path, stop: StopRequest) -> int:
             log(env, f"epoch {epoch + 1}/{cfg.optim.epochs}  loss {stats['loss']:.4f}  "
                      f"top1 {metrics.get('top1', float('nan')):.2f}  top5 {metrics.get('top5', float('nan')):.2f}  "
                      f"{stats['images_per_s']:.0f} img/s  data wait {100 * stats['data_wait_fraction']:.0f}%")
-            if env.is_main:
-                save(out_dir / LAST_NAME, model, optimizer, schedule, scaler, cfg, epoch + 1, best_top1, metrics)
-                if improved:
-                    atomic_copy(out_dir / LAST_NAME, out_dir / BEST_NAME)
-                write_metrics(out_dir / METRICS_NAME, epoch + 1, metrics, best_top1, stats)
-            barrier()
+            on_main(env, lambda: save(out_dir, model, optimizer, schedule, scaler, cfg, epoch + 1, best_top1,
+                                      metrics, improved, stats), DiskFullError)
     except Stopped as stopped:
         log(env, f"train.py: {stopped}; the last checkpoint is {out_dir / LAST_NAME} "
                  f"(resume with --resume auto: it restarts that epoch)")
@@ -163,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FormatError, BadSampleError) as error:  # bad data found before or while training
         print(f"train.py: {error}", file=sys.stderr)
         return 1
+    except DiskFullError as error:  # nothing half-written: the last checkpoint is the last good one
+        print(f"train.py: {error}; free space (or raise the quota) and continue with --resume auto", file=sys.stderr)
+        return DISK_FULL_EXIT
     finally:
         stop.uninstall()
         cleanup()

@@ -17,7 +17,8 @@ when it was made from the same source files (keys, paths, sizes, modification ti
 
 Exit codes: 0 everything packed; 1 a bad file stopped the run (``--on-error fail``) or bad arguments;
 3 the run finished but skipped bad files (``--on-error skip``; they are listed in the summary and in
-OUT/skipped.json).
+OUT/skipped.json); 75 the disk (or quota) is full: one line names the file, the bytes needed and the
+bytes free, nothing partial is left, and the same command resumes once space is freed.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from relabel_dali.store import format as fmt
 from relabel_dali.store.labelmaps import (LABEL_SUFFIXES, LAYOUTS, LabelMapError, is_image, label_key, load_label_file,
                                    to_canonical)
 from relabel_dali.progress import progress
-from relabel_dali.atomic import atomic_write_bytes
+from relabel_dali.atomic import DISK_FULL_EXIT, DiskFullError, atomic_write_bytes, describe_bytes
 from relabel_dali.store.writer import LabelShardWriter, SourcesChangedError
 
 EXIT_OK, EXIT_FAILED, EXIT_SKIPPED = 0, 1, 3
@@ -221,6 +222,14 @@ def pack(args: argparse.Namespace) -> int:
         print("nothing of the failed shard was kept; fix or remove the file (or use --on-error skip) "
               "and rerun the same command to resume", file=sys.stderr)
         return EXIT_FAILED
+    except DiskFullError as error:
+        bar.close()
+        left = [(name, chunk) for name, chunk in todo if not writer.shard_done(name)]
+        size = sum(fmt.HEADER_SIZE + len(chunk) * writer.geometry.record_dtype.itemsize for _, chunk in left)
+        print(f"error: {error}; the {len(left)} shard(s) not yet written need up to {describe_bytes(size)} in all: "
+              f"free space (or raise the quota) and rerun the same command (complete shards are kept)",
+              file=sys.stderr)
+        return DISK_FULL_EXIT
     finally:
         if pool:
             pool.terminate()
@@ -272,6 +281,9 @@ def main(argv=None) -> int:
     except (LabelMapError, fmt.FormatError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED
+    except DiskFullError as error:  # settings, index or skip list: nothing partial is left either
+        print(f"error: {error}; free space (or raise the quota) and rerun the same command", file=sys.stderr)
+        return DISK_FULL_EXIT
 
 
 if __name__ == "__main__":

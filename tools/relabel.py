@@ -39,6 +39,8 @@ stay); rerunning the same command continues.
 
 Exit codes: 0 done; 1 bad arguments, an undecodable image (--on-error fail), or settings or source
 images differing from the run being resumed; 3 done, but images were skipped (--on-error skip);
+75 the disk (or quota) is full: one line names the file, the bytes needed and the bytes free; the
+shard being written is discarded and the same command continues once space is freed;
 143 stopped by SIGTERM.
 """
 from __future__ import annotations
@@ -55,8 +57,9 @@ import torch
 
 from relabel_dali.store import format as fmt
 from relabel_dali.annotate.annotator import build_annotator, class_subset, default_input_size, restrict_logits, topk_maps
-from relabel_dali.atomic import atomic_open, atomic_write_bytes
+from relabel_dali.atomic import DISK_FULL_EXIT, DiskFullError, atomic_write_bytes
 from relabel_dali.data.encoded import encoded_problem
+from relabel_dali.train.checkpoint import atomic_torch_save
 from relabel_dali.train.engine import STOPPED_EXIT, StopRequest, Stopped
 from relabel_dali.store.labelmaps import IMAGE_SUFFIXES, is_image, label_key, to_official
 from relabel_dali.progress import progress
@@ -279,8 +282,7 @@ def check_settings(out: Path, settings: dict, write: bool) -> None:
 
 
 def write_pt(root: Path, key: str, scores: np.ndarray, class_ids: np.ndarray) -> None:
-    with atomic_open(root / f"{key}.pt") as handle:
-        torch.save(torch.from_numpy(to_official(scores, class_ids)), handle)
+    atomic_torch_save(torch.from_numpy(to_official(scores, class_ids)), root / f"{key}.pt")
 
 
 def class_folders(keys) -> list[str]:
@@ -456,6 +458,10 @@ def main(argv=None) -> int:
     except Stopped as stopped:
         print(f"relabel.py: {stopped}; rerun the same command to continue", file=sys.stderr)
         return STOPPED_EXIT
+    except DiskFullError as error:
+        print(f"error: {error}; free space (or raise the quota) and rerun the same command (complete shards are "
+              f"kept)", file=sys.stderr)
+        return DISK_FULL_EXIT
     except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -4,7 +4,12 @@ that also reads the official ReLabel checkpoints ('state_dict', 'module.' prefix
 The last two checkpoints of a run are kept (``checkpoint-last.pth`` and
 ``checkpoint-previous.pth``): ``--resume auto`` checks the last one's zip structure and CRCs and,
 when it is damaged (a truncated copy, a disk that filled outside our atomic write, a flipped byte),
-resumes from the previous one and says so.
+resumes from the previous one and says so. ``checkpoint-best.pth`` is a hard link to the last
+checkpoint of the best epoch, so it costs no space while that epoch is one of the last two.
+
+A full disk never leaves half a checkpoint: each save first checks that the file system has room
+for the checkpoint (its size estimated from the tensors it holds), and a write that fails anyway
+raises :class:`relabel_dali.atomic.DiskFullError` with the temporary file removed.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relabel_dali.atomic import atomic_open
+from relabel_dali.atomic import DiskFullError, atomic_open, describe_bytes, free_bytes
 from relabel_dali.train.models import strip_prefix
 
 LAST_NAME = "checkpoint-last.pth"
@@ -27,10 +32,88 @@ PREVIOUS_NAME = "checkpoint-previous.pth"
 FORMAT = "relabel_dali.train.checkpoint"
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """A run killed while saving keeps the previous checkpoint."""
-    with atomic_open(path) as handle:
-        torch.save(obj, handle)
+# Beyond the tensors' bytes: the zip container (a local header, a central directory entry and up
+# to 63 bytes of alignment per tensor), the pickled structure, the RNG states and the config.
+MARGIN_BYTES = 1 << 20
+PER_TENSOR_BYTES = 512
+
+
+class _WriteErrors:
+    """A file's ``write`` that keeps the OSError it raised: torch's zip writer turns a failed write
+    into ``RuntimeError: ... unexpected pos`` and drops the reason (a full disk)."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def atomic_torch_save(obj, path: str | os.PathLike, size: int | None = None) -> None:
+    """A run killed while saving keeps the previous checkpoint; a full disk raises DiskFullError
+    naming ``size`` (the estimated size) as the bytes needed."""
+    with atomic_open(path, size_hint=size) as handle:
+        recorded = _WriteErrors(handle)
+        try:
+            torch.save(obj, recorded)
+        except RuntimeError:
+            if recorded.error is not None:
+                raise recorded.error from None
+            raise
+
+
+def tensor_bytes(obj) -> tuple[int, int]:
+    """(bytes, count) of the tensors in nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size(), 1
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    total = count = 0
+    for value in values:
+        size, number = tensor_bytes(value)
+        total, count = total + size, count + number
+    return total, count
+
+
+def optimizer_slots(optimizer: torch.optim.Optimizer) -> int:
+    """Tensors per parameter in the optimizer's state after its first step: SGD's momentum buffer,
+    the Adam family's two moments (three with AMSGrad)."""
+    defaults = optimizer.defaults
+    if "betas" in defaults:
+        return 3 if defaults.get("amsgrad") else 2
+    return 1 if defaults.get("momentum") else 0
+
+
+def estimate_checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """An upper estimate of a checkpoint's size: the model's parameters and buffers, the optimizer's
+    state (before its first step, the buffers that step will create, plus a step count each), and a
+    margin for the container, the RNG states and the config."""
+    size, count = tensor_bytes(model.state_dict())
+    if optimizer.state:
+        state_size, state_count = tensor_bytes(optimizer.state_dict()["state"])
+    else:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        slots = optimizer_slots(optimizer)
+        state_size = sum(p.numel() * p.element_size() for p in params) * slots + 8 * len(params)
+        state_count = (slots + 1) * len(params)
+    return size + state_size + (count + state_count) * PER_TENSOR_BYTES + MARGIN_BYTES
+
+
+def reclaimed_by_save(path: str | os.PathLike) -> int:
+    """Bytes a ``save_keeping_previous(path)`` frees before writing: the previous checkpoint, which
+    the move of the last one replaces (unless another name, the best checkpoint, still holds it)."""
+    path = Path(path)
+    previous = previous_path(path)
+    if not (path.is_file() and previous.is_file()):
+        return 0
+    info = previous.stat()
+    return info.st_size if info.st_nlink == 1 else 0
 
 
 def previous_path(path: str | os.PathLike) -> Path:
@@ -39,14 +122,34 @@ def previous_path(path: str | os.PathLike) -> Path:
     return path.with_name(PREVIOUS_NAME if path.name == LAST_NAME else f"{path.stem}-previous{path.suffix}")
 
 
-def save_keeping_previous(obj, path: str | os.PathLike) -> None:
+def room_problem(out_dir: str | os.PathLike, checkpoint_bytes: int) -> str | None:
+    """None when ``out_dir`` can hold two checkpoints (the last and the previous one) of
+    ``checkpoint_bytes``, counting the space of those already there that a run replaces; else what
+    is missing, with the sizes."""
+    out_dir = Path(out_dir)
+    ours = sum(path.stat().st_size for path in (out_dir / LAST_NAME, out_dir / PREVIOUS_NAME)
+               if path.is_file() and path.stat().st_nlink == 1)
+    free = free_bytes(out_dir)
+    if free + ours >= 2 * checkpoint_bytes:
+        return None
+    replaced = f" (plus {describe_bytes(ours)} in checkpoints the run replaces)" if ours else ""
+    return (f"{out_dir}: no room for two checkpoints of about {describe_bytes(checkpoint_bytes)}: "
+            f"{describe_bytes(2 * checkpoint_bytes)} needed, {describe_bytes(free)} free{replaced}")
+
+
+def save_keeping_previous(obj, path: str | os.PathLike, size: int | None = None) -> None:
     """Saves atomically after moving the current ``path`` to ``previous_path(path)``: a checkpoint
     damaged later still leaves the one before it. A kill between the two steps leaves only the
-    previous checkpoint, which ``resolve_resume('auto')`` then picks."""
+    previous checkpoint, which ``resolve_resume('auto')`` then picks. With ``size`` (the estimated
+    size), a file system without room for it raises DiskFullError before anything is moved."""
     path = Path(path)
+    if size is not None:
+        available = free_bytes(path) + reclaimed_by_save(path)
+        if available < size:
+            raise DiskFullError(path, size, available, qualifier="about")
     if path.is_file():
         os.replace(path, previous_path(path))
-    atomic_torch_save(obj, path)
+    atomic_torch_save(obj, path, size)
 
 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
@@ -65,6 +168,20 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
 def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:
     with atomic_open(path) as handle, open(source, "rb") as original:
         shutil.copyfileobj(original, handle)
+
+
+def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """``path`` becomes another name of ``source`` (no space used: checkpoints are never changed in
+    place, only replaced), or a copy where the file system has no hard links."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.link.tmp")
+    try:
+        temporary.unlink(missing_ok=True)
+        os.link(source, temporary)
+    except OSError:
+        atomic_copy(source, path)
+        return
+    os.replace(temporary, path)
 
 
 def rng_state() -> dict:

@@ -81,6 +81,24 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def on_main(env: DistEnv, write, *errors: type[BaseException]) -> None:
+    """Runs ``write()`` on rank 0 only; one of ``errors`` that it raises is raised on every rank.
+    A failure only rank 0 can see (its output folder is full) thus stops all ranks together,
+    instead of leaving the others waiting at the next collective."""
+    failure = None
+    if env.is_main:
+        try:
+            write()
+        except errors as error:
+            failure = error
+    if dist.is_available() and dist.is_initialized():
+        box = [failure]
+        dist.broadcast_object_list(box, src=0)  # errors pickle (DiskFullError keeps its fields)
+        failure = box[0]
+    if failure is not None:
+        raise failure
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
