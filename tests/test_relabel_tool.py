@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from relabel_dali import LabelShardReader
-from relabel_dali.annotate.annotator import build_annotator, pool_boxes
+from relabel_dali.annotate.annotator import build_annotator, class_subset, pool_boxes
 from relabel_dali.annotate.dense import DenseClassifier
 from tools import relabel
 
@@ -386,6 +386,53 @@ class TestClassRestriction:
         state = torch.load(run / "checkpoint-last.pth", weights_only=False)
         assert state["epoch"] == 1 and state["model"]["fc.weight"].shape == (3, 512)
 
+    def test_folder_classes_of_an_annotator_trained_on_the_folders(self, colour_tree, tmp_path, capsys):
+        """One annotator class per folder: ImageFolder's numbering (class i = i-th sorted folder), no
+        WordNet ids needed: a classifier fine-tuned on the folders annotates them in its own ids."""
+        import timm
+        from safetensors.torch import save_file
+
+        torch.manual_seed(1)
+        weights = tmp_path / "resnet10t_3.safetensors"
+        save_file(timm.create_model("resnet10t", pretrained=False, num_classes=3).state_dict(), weights)
+        out = tmp_path / "labels"
+        assert run_timm_tool(colour_tree, out, weights, "--classes", "folder", "--topk", "3") == 0
+        assert "classes: the dataset's 3 (--classes folder)" in capsys.readouterr().out
+        reader = LabelShardReader(out)
+        assert (reader.num_classes, reader.k) == (3, 3)
+        settings = json.loads((out / "relabel_settings.json").read_text())
+        assert settings["classes"]["names"] == sorted(COLOURS) and settings["classes"]["annotator_ids"] == [0, 1, 2]
+        # independent reference: the model's own 3-class map, unrestricted, sorted per cell
+        model = build_annotator("timm:resnet10t", weights, 64)
+        images = relabel.find_images(colour_tree)
+        keys = sorted(images)
+        pipe = relabel.annotation_pipeline([images[k] for k in keys], size=64, mean=model.mean, std=model.std,
+                                           interpolation=model.interpolation, exif=False, batch_size=len(keys),
+                                           device_id=None, num_threads=2)
+        (batch,) = pipe.run()
+        with torch.no_grad():
+            scores, ids = torch.topk(model(relabel.to_torch(batch, torch.device("cpu"))), 3, dim=1)
+        for i, key in enumerate(keys):
+            stored_scores, stored_ids = reader[key]
+            np.testing.assert_array_equal(stored_ids, ids[i].numpy())
+            np.testing.assert_allclose(stored_scores, scores[i].numpy(), rtol=1e-5, atol=1e-5)
+
+    @pytest.mark.parametrize("folders, names", [
+        (["red", "blue", "green"], ["blue", "green", "red"]),
+        ([f"n{i:08d}" for i in (7, 0, 3)], ["n00000000", "n00000003", "n00000007"]),
+        (["c2", "c3", "c1"], ["c1", "c2", "c3"]),
+    ])
+    def test_folder_classes_of_a_same_sized_annotator_are_numbered_by_sorted_folder(self, folders, names):
+        assert class_subset("folder", folders, 3) == (names, [0, 1, 2])
+
+    @pytest.mark.parametrize("folders, message", [
+        (["c10", "c2", "c3"], r"'c10' is class 0\) and in natural order \(timm's: 'c2' is class 0\)"),
+        (["B", "a", "c"], r"'B' is class 0\) and in natural order \(timm's: 'a' is class 0\)"),
+    ])
+    def test_folder_orders_that_torchvision_and_timm_number_differently_are_refused(self, folders, message):
+        with pytest.raises(ValueError, match=message + ".*write --classes FILE"):
+            class_subset("folder", folders, 3)
+
     @pytest.mark.parametrize("table, message", [
         ({"red": 3, "green": 5}, r"no annotator class for folder\(s\) \['blue'\]"),
         ({"red": 3, "green": 5, "blue": 10}, r"class 'blue' -> index 10, outside .*'s 10 classes \[0, 10\)"),
@@ -417,7 +464,7 @@ class TestClassRestriction:
     def test_folder_needs_a_known_label_space(self, colour_tree, tmp_path, monkeypatch, capsys):
         monkeypatch.setattr(relabel, "build_annotator", lambda *args: ColourAnnotator())
         assert relabel.main([str(colour_tree), str(tmp_path / "out"), "--classes", "folder"]) == 1
-        assert "has 10 classes, not ImageNet-1k's 1000" in capsys.readouterr().err
+        assert "has 10 classes, not ImageNet-1k's 1000 nor one per class folder (3)" in capsys.readouterr().err
 
     def test_unknown_classes_word(self, colour_tree, tmp_path, monkeypatch, capsys):
         monkeypatch.setattr(relabel, "build_annotator", lambda *args: ColourAnnotator())

@@ -15,11 +15,12 @@ in the same shards and index.json that tools/pack_labels.py writes; --write-pt a
 official-layout ``[2, k, x, y]`` files (class ids as floats) under DIR.
 
 --classes restricts the annotator to the dataset's classes: ``imagenet`` keeps all of the
-annotator's classes (ids in its own label space); ``folder`` takes the class folders (ImageNet
-WordNet ids) in sorted order; FILE is JSON, dataset class name -> annotator class index (or the
-inverse). The logits are restricted to those classes before the top-k, the stored class ids are
-dataset indices (the sorted position of the class name, as train.py's ``data.class_map: folder``
-numbers them) and the shards' num_classes is the dataset's.
+annotator's classes (ids in its own label space); ``folder`` takes the class folders in sorted
+order (an annotator with one class per folder numbers them as ImageFolder does, class i = i-th
+folder; a 1000-class one by their ImageNet WordNet ids); FILE is JSON, dataset class name ->
+annotator class index (or the inverse). The logits are restricted to those classes before the
+top-k, the stored class ids are dataset indices (the sorted position of the class name, as
+train.py's ``data.class_map: folder`` numbers them) and the shards' num_classes is the dataset's.
 
 Keys are image paths relative to IMAGE_ROOT without extension, in sorted order; shard ``j``
 holds the ``j``-th run of --records-per-shard keys. Under torchrun every rank takes a contiguous
@@ -83,8 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", type=int,
                         help="square input side in pixels (default: a timm model's pretrained input size, else 480)")
     parser.add_argument("--classes", default="imagenet", metavar="imagenet|folder|FILE",
-                        help="label space: all the annotator's classes (imagenet, default), the class folders' "
-                             "WordNet ids in sorted order (folder), or a JSON file of class name -> annotator index")
+                        help="label space: all the annotator's classes (imagenet, default), the class folders in "
+                             "sorted order (folder: class i = i-th folder for an annotator of one class per folder, "
+                             "else their ImageNet WordNet ids), or a JSON file of class name -> annotator index")
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dtype", choices=sorted(fmt.SCORE_DTYPE_NAMES), default="float16")

@@ -15,6 +15,7 @@ into top-k label maps.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -64,20 +65,34 @@ def class_subset(spec: str, folders: list[str], num_classes: int, arch: str = "t
     """The dataset's classes in the annotator's label space, for ``--classes``.
 
     ``"imagenet"`` -> None (all the annotator's classes). ``"folder"`` -> the class folders, sorted
-    (dataset index = position, as ``data.class_map: folder`` numbers them), which must be WordNet
-    ids of a 1000-class (ImageNet-1k order) annotator. Anything else is a JSON file: dataset class
-    name -> annotator class index, or the inverse (index -> name); its names, sorted, are the
-    dataset's classes and must cover every folder. Returns (names, annotator index per name)."""
+    (dataset index = position, as ``data.class_map: folder`` numbers them): with an annotator of
+    exactly as many classes, ImageFolder's convention (its class i is the i-th folder: a classifier
+    fine-tuned on these folders); otherwise they must be WordNet ids of a 1000-class (ImageNet-1k
+    order) annotator. Both agree on 1000 wnid folders, ImageNet-1k's order being the sorted wnids.
+    Anything else is a JSON file: dataset class name -> annotator class index, or the inverse
+    (index -> name); its names, sorted, are the dataset's classes and must cover every folder.
+    Returns (names, annotator index per name)."""
     if spec == "imagenet":
         return None
     if spec == "folder":
         names = sorted(folders)
         if not names:
             raise ValueError("--classes folder: the image root has no class folders (expected ROOT/<wnid>/<image>)")
+        if num_classes == len(names):
+            natural = sorted(names, key=_natural_key)
+            if natural != names:
+                first = next(i for i, (a, b) in enumerate(zip(names, natural)) if a != b)
+                raise ValueError(f"--classes folder: the {len(names)} folders sort differently by code point "
+                                 f"(torchvision's ImageFolder: {names[first]!r} is class {first}) and in natural "
+                                 f"order (timm's: {natural[first]!r} is class {first}), so which of {arch}'s classes "
+                                 f"is which folder depends on how it was trained; write --classes FILE (JSON: "
+                                 f"class name -> {arch} class index)")
+            return names, list(range(num_classes))
         if num_classes != 1000:
-            raise ValueError(f"--classes folder: {arch} has {num_classes} classes, not ImageNet-1k's 1000, so the "
-                             f"WordNet id of each of its classes is not known here{_label_space_hint(num_classes)}; "
-                             f"write --classes FILE (JSON: class name -> {arch} class index)")
+            raise ValueError(f"--classes folder: {arch} has {num_classes} classes, not ImageNet-1k's 1000 nor one per "
+                             f"class folder ({len(names)}), so the folder of each of its classes is not known "
+                             f"here{_label_space_hint(num_classes)}; write --classes FILE (JSON: class name -> "
+                             f"{arch} class index)")
         from relabel_dali.data import imagenet
 
         known = set(imagenet.wnids())
@@ -104,6 +119,11 @@ def class_subset(spec: str, folders: list[str], num_classes: int, arch: str = "t
         raise ValueError(f"--classes {path}: annotator class(es) {shared[:5]} given to more than one dataset class "
                          f"({[n for n in names if mapping[n] in shared][:6]})")
     return names, ids
+
+
+def _natural_key(name: str) -> list:
+    """timm's folder order: case-insensitive, runs of digits compared as numbers (``c2`` < ``c10``)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
 
 
 def _read_class_file(path: Path) -> dict[str, int]:
