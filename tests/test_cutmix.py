@@ -74,6 +74,36 @@ class TestCutmix:
         with pytest.raises(ValueError, match=r"targets: expected \[B=6, num_classes\], got shape \(5, 10\)"):
             cutmix_batch(images, targets[:5])
 
+    @pytest.mark.parametrize("seed,lam,box,moved,next_draw", [
+        (5, 0.90625, (1, 7, 15, 20), {1: 2, 2: 1}, 0.9809269309043884),
+        (11, 0.8875, (4, 10, 0, 6), {4: 5, 5: 4}, 0.10250282287597656),
+    ])
+    def test_cpu_draws_are_unchanged(self, seed, lam, box, moved, next_draw):
+        # Recorded before the permutation moved through host_to_device: a seed still gives the
+        # same lam, box and pairs on the CPU, and leaves the generator where it did (exact resume).
+        images, targets = batch()
+        original = images.clone()
+        generator = torch.Generator().manual_seed(seed)
+        mixed, _, got_lam = cutmix_batch(images, targets, prob=1.0, beta=1.0, generator=generator)
+        assert got_lam == lam
+        changed = (mixed != original).any(dim=1)
+        rows, cols = changed.any(dim=(0, 2)).nonzero().flatten(), changed.any(dim=(0, 1)).nonzero().flatten()
+        assert (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1) == box
+        assert {b: int(mixed[b, 0][changed[b]].unique()) for b in range(len(mixed)) if changed[b].any()} == moved
+        assert float(torch.rand((), generator=generator)) == next_draw
+
+    @pytest.mark.gpu
+    def test_on_gpu_the_host_does_not_wait(self):
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA GPU available")
+        cutmix_batch(*batch(device="cuda"), prob=1.0, generator=torch.Generator().manual_seed(5))  # warm-up
+        images, targets = batch(device="cuda")
+        torch.cuda.set_sync_debug_mode("error")  # a blocking copy or other synchronisation raises
+        try:
+            cutmix_batch(images, targets, prob=1.0, generator=torch.Generator().manual_seed(6))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
     @pytest.mark.gpu
     def test_on_gpu_matches_cpu(self):
         if not torch.cuda.is_available():

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from relabel_dali.data.transfer import host_to_device
+
 
 def cutmix_box(height: int, width: int, lam: float, generator: torch.Generator | None = None):
     """(y0, y1, x0, x1) pixel bounds of a box of area ``(1 - lam)`` of the image, clipped."""
@@ -27,8 +29,10 @@ def cutmix_batch(images: torch.Tensor, targets: torch.Tensor, *, prob: float = 1
                  generator: torch.Generator | None = None):
     """Returns ``(images, targets, lam)``; ``images`` [B, C, H, W] is modified in place.
 
-    ``generator`` is a CPU ``torch.Generator`` (the few scalar draws happen on the CPU; the pixel
-    copy and target mix stay on the tensors' device). ``lam`` is 1.0 when CutMix was not applied.
+    ``generator`` is a CPU ``torch.Generator``: every draw happens on the CPU, so a seed gives the
+    same mix on any device, and the permutation reaches the GPU by an asynchronous copy (the host
+    does not wait for the GPU each step); the pixel copy and target mix stay on the tensors' device.
+    ``lam`` is 1.0 when CutMix was not applied.
     """
     if images.ndim != 4:
         raise ValueError(f"images: expected [B, C, H, W], got shape {tuple(images.shape)}")
@@ -46,7 +50,9 @@ def cutmix_batch(images: torch.Tensor, targets: torch.Tensor, *, prob: float = 1
     lam = float(gammas[0] / gammas.sum())
     height, width = images.shape[-2:]
     y0, y1, x0, x1 = cutmix_box(height, width, lam, generator)
-    perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
+    perm = torch.randperm(images.shape[0], generator=generator)
+    if images.device.type != "cpu":
+        perm = host_to_device(perm, images.device)
     images[:, :, y0:y1, x0:x1] = images[perm, :, y0:y1, x0:x1]
     lam = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
     targets = lam * targets + (1.0 - lam) * targets[perm]
