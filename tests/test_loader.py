@@ -5,7 +5,7 @@ import torch
 from conftest import NUM_CLASSES, make_dataset
 
 from relabel_dali.config import ConfigError
-from relabel_dali.data.loader import build_train_loader, build_val_loader
+from relabel_dali.data.loader import HOST_METADATA, build_train_loader, build_val_loader
 from relabel_dali.data.settings import Dataset, Labels, Runtime, TrainAugment, ValTransform
 from relabel_dali.data.listing import BadSampleError
 
@@ -123,6 +123,78 @@ class TestTrainLoader:
         second = {int(i): box for i, box in zip(torch.cat([b["indices"] for b in epochs[1]]),
                                                   torch.cat([b["boxes"] for b in epochs[1]]))}
         assert all(not torch.equal(first[i], second[i]) for i in first)
+
+
+class RecyclingIterator:
+    """Stands for DALI recycling a host buffer once it is released: after the loader has taken a
+    batch, the per-sample host buffers it came in are overwritten, as the next batch would be."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __iter__(self):
+        for outputs in self.inner:
+            yield outputs
+            for name in HOST_METADATA:
+                if name in outputs[0]:
+                    outputs[0][name].fill_(-7)
+
+
+class TestHostOutputs:
+    def test_per_sample_outputs_are_owned_copies(self, dataset):
+        # A GPU loader's asynchronous copies read these after DALI may have moved on.
+        image_root, label_root, _ = dataset
+        loader = train_loader(image_root, label_root, batch_size=4, seed=3)
+        loader._iterator = RecyclingIterator(loader._iterator)
+        kept = [(batch, {name: batch[name].clone() for name in HOST_METADATA}) for batch in loader]
+        assert len(kept) == 3
+        for batch, copies in kept:
+            for name in HOST_METADATA:
+                assert torch.equal(batch[name], copies[name]), name
+        assert sorted(torch.cat([batch["indices"] for batch, _ in kept]).tolist()) == list(range(12))
+
+    def test_val_loader_per_sample_outputs_are_owned_copies(self, dataset):
+        image_root, _, _ = dataset
+        loader = build_val_loader(Dataset(image_root, num_classes=NUM_CLASSES), batch_size=5, runtime=RUNTIME,
+                                  transform=ValTransform(image_size=32))
+        loader._iterator = RecyclingIterator(loader._iterator)
+        kept = [(batch, batch["labels"].clone(), batch["indices"].clone()) for batch in loader]
+        assert all(torch.equal(b["labels"], labels) and torch.equal(b["indices"], indices)
+                   for b, labels, indices in kept)
+
+    def test_cpu_images_and_targets_kept_across_batches_stay_as_they_were(self, dataset):
+        # A CPU loader hands DALI's own images and targets over; DALI keeps a buffer while a
+        # tensor refers to it.
+        image_root, label_root, _ = dataset
+        loader = train_loader(image_root, label_root, batch_size=2, seed=3)
+        kept = [(batch, {name: tensor.clone() for name, tensor in batch.items()}) for batch in loader]
+        assert len(kept) == 6
+        for batch, copies in kept:
+            for name in batch:
+                assert torch.equal(batch[name], copies[name]), name
+
+
+@pytest.mark.gpu
+class TestGpuLoader:
+    def test_host_outputs_reach_the_gpu_as_they_were_made(self, dataset):
+        # The GPU is kept busy after every batch, so each batch's copies run late, after DALI has
+        # moved on to the next one: they must still carry their own batch's values.
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU: torch.cuda.is_available() is False")
+        image_root, label_root, _ = dataset
+        runtime = dict(num_threads=1, py_workers=1, start_method="spawn")
+        cpu = [{name: batch[name].clone() for name in HOST_METADATA}
+               for batch in train_loader(image_root, label_root, batch_size=2, seed=3, runtime=Runtime(**runtime))]
+        gpu = []
+        for batch in train_loader(image_root, label_root, batch_size=2, seed=3,
+                                  runtime=Runtime(device="cuda", **runtime)):
+            torch.cuda._sleep(50_000_000)  # cycles of queued GPU work
+            gpu.append(batch)
+        torch.cuda.synchronize()
+        assert len(gpu) == len(cpu) == 6
+        for ours, theirs in zip(gpu, cpu):
+            for name in HOST_METADATA:
+                assert ours[name].is_cuda and torch.equal(ours[name].cpu(), theirs[name]), name
 
 
 class TestBadSamples:

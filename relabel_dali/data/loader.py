@@ -19,8 +19,10 @@ from relabel_dali.store.reader import LabelShardReader, ShardCorruptError
 from relabel_dali.data.settings import Dataset, Labels, Runtime, TrainAugment, ValTransform
 from relabel_dali.data.listing import list_images, match_records, preflight_decodes
 from relabel_dali.data.source import SampleSource
+from relabel_dali.data.transfer import host_to_device
 
 log = logging.getLogger(__name__)
+HOST_METADATA = ("boxes", "labels", "indices")  # per-sample outputs the graphs make on the host
 
 
 class DaliLoader:
@@ -92,11 +94,19 @@ class DaliLoader:
         self._next_epoch = epoch + 1
 
     def _to_torch(self, batch: dict) -> dict:
+        """DALI lends its outputs through DLPack and recycles a host buffer once it is released,
+        possibly before an asynchronous copy out of it has run: host outputs bound for the GPU go
+        through ``host_to_device``, and the per-sample host outputs (boxes, labels, indices: a few
+        bytes) are owned copies on the CPU as well, so none of them depends on when DALI recycles
+        a buffer. A CPU loader's images and targets stay DALI's: nothing reads them
+        asynchronously, and DALI keeps a buffer as long as a tensor refers to it."""
         out = {}
         for name, tensor in batch.items():
             if name in ("labels", "indices"):
                 tensor = tensor.view(-1).to(torch.int64)
-            out[name] = tensor.to(self.device, non_blocking=True)
+            if tensor.device.type == "cpu" and (self.device.type != "cpu" or name in HOST_METADATA):
+                tensor = host_to_device(tensor, self.device)
+            out[name] = tensor
         if self.validation:
             out["valid"] = out["indices"] >= 0
         return out
