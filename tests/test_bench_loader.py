@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from tools import bench_loader
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_loader.py"
 
@@ -37,3 +40,29 @@ def test_three_loaders_and_their_ratios(tmp_path):
 def test_data_arguments_come_together():
     result = run_tool("--data", "somewhere")
     assert result.returncode == 2 and "--data needs --labels and --pt" in result.stderr
+
+
+class TestClock:
+    """On a GPU a batch is handed over before the device has made it: the clock waits for it."""
+
+    @pytest.fixture
+    def synchronized(self, monkeypatch):
+        calls = []
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+        return calls
+
+    def test_cuda_synchronizes_before_each_reading(self, synchronized):
+        bench_loader.clock("cuda")
+        bench_loader.clock("cuda:1")
+        assert len(synchronized) == 2
+
+    def test_cpu_does_not(self, synchronized):
+        bench_loader.clock("cpu")
+        assert synchronized == []
+
+    @pytest.mark.parametrize("device,per_turn", [("cuda", 2), ("cpu", 0)])
+    def test_time_loaders_reads_the_clock_after_the_device(self, synchronized, device, per_turn):
+        loaders = {"x": lambda: iter([4, 4]), "y": lambda: iter([2])}
+        rates, per_round = bench_loader.time_loaders(loaders, rounds=3, device=device)
+        assert len(synchronized) == per_turn * 3 * len(loaders)  # at the start and at the end of each turn
+        assert set(rates) == {"x", "y"} and len(per_round) == 3 and all(rate > 0 for rate in rates.values())

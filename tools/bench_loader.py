@@ -31,11 +31,22 @@ from relabel_dali.atomic import atomic_write_bytes
 
 
 # ---- timing ----------------------------------------------------------------------------------
-def time_loaders(loaders: dict, rounds: int, epochs_per_turn: int = 2) -> tuple[dict[str, float], list[dict]]:
+def clock(device: str = "cpu") -> float:
+    """``time.perf_counter()`` once ``device`` has finished the work queued so far: a GPU batch is
+    handed over before the GPU has made it (DALI's GPU stages, loader c's pooling), so reading the
+    clock without waiting would time only the host's side."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def time_loaders(loaders: dict, rounds: int, epochs_per_turn: int = 2,
+                 device: str = "cpu") -> tuple[dict[str, float], list[dict]]:
     """images/s per loader over all rounds, and per round. Loaders take turns so that the load of a
     shared machine falls on each alike, in reversed order every other round (no loader always
     follows the same one); each turn starts with an untimed epoch, because a DALI loader prefetches
-    its next epoch in the background while the other loaders are being timed."""
+    its next epoch in the background while the other loaders are being timed. On a GPU the clock is
+    read after the device has caught up (``clock``)."""
     images, seconds = dict.fromkeys(loaders, 0), dict.fromkeys(loaders, 0.0)
     per_round = []
     for round_index in tqdm(range(rounds), desc="timing", unit="round", disable=None):
@@ -45,11 +56,11 @@ def time_loaders(loaders: dict, rounds: int, epochs_per_turn: int = 2) -> tuple[
             make_iter = loaders[name]
             for _ in make_iter():
                 pass
-            count, started = 0, time.perf_counter()
+            count, started = 0, clock(device)
             for _ in range(epochs_per_turn):
                 for batch in make_iter():
                     count += batch
-            elapsed = time.perf_counter() - started
+            elapsed = clock(device) - started
             images[name] += count
             seconds[name] += elapsed
             rates[name] = count / elapsed
@@ -116,7 +127,7 @@ def main(argv=None) -> int:
             loaders["c_official_torch"] = lambda: (len(batch["images"]) for batch in official)
         if args.device == "cuda":  # only now: CUDA must not be initialised before forking loaders
             results["machine"]["gpu"] = torch.cuda.get_device_name()
-        rates, per_round = time_loaders(loaders, args.rounds)
+        rates, per_round = time_loaders(loaders, args.rounds, device=args.device)
         results["images_per_s"], results["images_per_s_per_round"] = rates, per_round
     for ratio, (top, bottom) in {"a_over_c": ("a_dali_relabel", "c_official_torch"),
                                  "a_over_b": ("a_dali_relabel", "b_dali_no_labels")}.items():
