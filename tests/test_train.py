@@ -305,6 +305,33 @@ class TestTrainOneEpoch:
         assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
         assert all(np.isfinite(s["loss"]) and 0 <= s["data_wait_fraction"] <= 1 for s in stats)
 
+    def test_float16_images_without_autocast(self):
+        # data.dtype float16 on the CPU (no autocast there) or with compute.amp none: the images
+        # are cast to the float32 of the weights, in training and in evaluation.
+        from relabel_dali.train.engine import evaluate, train_one_epoch
+        from relabel_dali.train.optim import build_optimizer, build_schedule
+
+        cfg, _ = parse_command_line(["--data.num_classes", "3", "--util.progress", "False", "--data.dtype", "float16",
+                                     "--compute.amp", "none"])
+        env = init_distributed("cpu")
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                    torch.nn.Linear(4, 3))
+        optimizer = build_optimizer(cfg, model)
+        loader = ListLoader({**batch, "images": batch["images"].half()} for batch in synthetic_batches(2))
+        schedule = build_schedule(cfg, optimizer, steps_per_epoch=len(loader))
+        stats = train_one_epoch(model, loader, optimizer, schedule, torch.amp.GradScaler("cuda", enabled=False),
+                                cfg, 0, env)
+        assert np.isfinite(stats["loss"])
+        assert evaluate(model, loader, cfg, env)["samples"] == 8
+
+    @pytest.mark.parametrize("device,amp,expected", [("cpu", "bf16", False), ("cpu", "none", False),
+                                                     ("cuda", "none", False), ("cuda", "bf16", True),
+                                                     ("cuda", "fp16", True)])
+    def test_autocast_only_on_the_gpu(self, device, amp, expected):
+        from relabel_dali.train.engine import autocast_enabled
+
+        assert autocast_enabled(torch.device(device), amp) is expected
+
     def test_loader_shorter_than_len(self):
         from relabel_dali.train.engine import train_one_epoch
         from relabel_dali.train.optim import build_optimizer, build_schedule
@@ -323,8 +350,23 @@ class TestTrainOneEpoch:
                             torch.amp.GradScaler("cuda", enabled=False), cfg, 0, init_distributed("cpu"))
 
 
+class TestHalfImages:
+    def test_float16_images_on_the_cpu(self, tiny, tmp_path):
+        # The CPU has no autocast: float16 images are cast to the weights' float32.
+        argv = argv_for(tiny, tmp_path, "--data.dtype", "float16", "--optim.epochs", "1")
+        assert train.main(argv) == 0
+        assert np.isfinite(torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)["metrics"]["top1"])
+
+
 @pytest.mark.gpu
 class TestGpu:
+    def test_float16_images_without_amp(self, tiny, tmp_path):
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU: torch.cuda.is_available() is False")
+        argv = argv_for(tiny, tmp_path, "--compute.device", "cuda", "--compute.amp", "none",
+                        "--data.dtype", "float16", "--data.start_method", "spawn", "--optim.epochs", "1")
+        assert train.main(argv) == 0
+
     @pytest.mark.parametrize("amp", ["bf16", "fp16"])
     def test_amp_channels_last_and_resume(self, tiny, tmp_path, amp):
         if not torch.cuda.is_available():

@@ -19,6 +19,7 @@ import torch
 
 from relabel_dali.atomic import disk_full_error, is_disk_full
 from relabel_dali.config import Config, ConfigError
+from relabel_dali.data.transfer import host_to_device
 from relabel_dali.train.distributed import DistEnv, all_reduce_sum
 from relabel_dali.train.losses import smooth_targets, soft_target_cross_entropy
 from relabel_dali.train.metrics import AccuracyMeter, RealLabels, load_real_labels
@@ -134,16 +135,34 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
+def autocast_enabled(device: torch.device, amp: str) -> bool:
+    """Autocast runs on the GPU only; on the CPU, and with compute.amp none, the model computes in
+    the float32 of its weights."""
+    return device.type == "cuda" and amp != "none"
+
+
 def autocast(device: torch.device, amp: str):
-    if device.type != "cuda" or amp == "none":
+    if not autocast_enabled(device, amp):
         return contextlib.nullcontext()
     if amp not in ("bf16", "fp16"):
         raise ValueError(f"compute.amp {amp!r} is not one of bf16, fp16, none")
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, dict]:
-    images = batch["images"].to(device, non_blocking=True)
+def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The loaders hand batches over on the trainer's device already; a host tensor from any other
+    loader reaches the GPU through ``host_to_device``, never by a non-blocking copy out of memory
+    torch does not own."""
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return host_to_device(tensor, device)
+    return tensor.to(device)
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool, amp: str = "none") -> tuple[torch.Tensor, dict]:
+    images = on_device(batch["images"], device)
+    if images.dtype != torch.float32 and not autocast_enabled(device, amp):
+        # data.dtype float16 without autocast would meet float32 weights at the first layer.
+        images = images.float()
     if channels_last and device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     return images, batch
@@ -180,8 +199,8 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, cfg: Config, epo
             raise RuntimeError(f"train loader ended after {step} of its {steps} batches (epoch {epoch})") from None
         fetched = time.perf_counter()
         wait_s += fetched - last
-        images, batch = to_device(batch, env.device, cfg.model.channels_last)
-        targets = batch["targets"].to(env.device, non_blocking=True).float()
+        images, batch = to_device(batch, env.device, cfg.model.channels_last, cfg.compute.amp)
+        targets = on_device(batch["targets"], env.device).float()
         if use_cutmix:
             images, targets, _ = cutmix_batch(images, targets, prob=cfg.data.cutmix.prob,
                                               beta=cfg.data.cutmix.beta, generator=generator)
@@ -239,7 +258,7 @@ def evaluate(model, loader, cfg: Config, env: DistEnv, real: RealLabels | None =
     meter = AccuracyMeter(env.device, real)
     for batch in progress(loader, desc="eval", unit="it", leave=False,
                           disable=not (env.is_main and cfg.util.progress)):
-        images, batch = to_device(batch, env.device, cfg.model.channels_last)
+        images, batch = to_device(batch, env.device, cfg.model.channels_last, cfg.compute.amp)
         with autocast(env.device, cfg.compute.amp):
             logits = model(images).float()
         meter.update(logits, batch["labels"], batch.get("indices"), batch.get("valid"))
