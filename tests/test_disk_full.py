@@ -19,13 +19,13 @@ import pytest
 import torch
 
 import train
-from conftest import argv_for, make_tree
+from conftest import argv_for, make_dataset, make_tree
 from relabel_dali import LabelShardWriter
 from relabel_dali.atomic import (DISK_FULL_EXIT, DiskFullError, atomic_open, atomic_write_bytes, check_free_space,
                                  describe_bytes, free_bytes)
 from relabel_dali.train import checkpoint as ckpt
 from relabel_dali.train.engine import RunLogger
-from tools import pack_labels, relabel
+from tools import check_dataset, pack_labels, relabel
 
 KIB = 1024
 FREE = re.compile(r"[\d,]+ bytes( \([\d.]+ [KMGT]iB\))? free")
@@ -243,6 +243,20 @@ class TestRelabel:
         with pytest.raises(DiskFullError, match="n01/a.pt: no space left on device"):
             relabel.write_pt(small_fs.path / "pt", "n01/a", scores, np.zeros((5, 15, 15), np.int64))
         assert small_fs.stray_files() == [] and not (small_fs.path / "pt" / "n01" / "a.pt").exists()
+
+
+# ---- reports: tools/check_dataset.py ---------------------------------------------------------------------
+class TestCheckDataset:
+    def test_report_on_a_full_disk_exits_75_in_one_line(self, small_fs, tmp_path, capsys):
+        image_root, _, _ = make_dataset(tmp_path, classes=1, per_class=2, labels=False)
+        small_fs.fill(leave=0)
+        report = small_fs.path / "reports" / "check.json"
+        assert check_dataset.main([str(image_root), "--json", str(report)]) == DISK_FULL_EXIT
+        captured = capsys.readouterr()
+        assert "2 images, 0 label records: 0 problem(s)" not in captured.out  # stopped before the summary
+        line = one_line(captured.err, "error:")
+        assert line.startswith(f"error: {report}: no space left on device: needs ") and FREE.search(line)
+        assert small_fs.stray_files() == [] and not report.exists()
 
 
 # ---- checkpoints: relabel_dali/train/checkpoint.py ----------------------------------------------------

@@ -9,7 +9,8 @@ DALI decode to garbage without a word) are problems; a CMYK JPEG or a PNG named 
 only noted. With ``--labels`` it matches images to label records both ways, checks every keys file
 against the index and every record checksum, and lists each corrupt record by key. Exit code 0: no
 problems; 1: problems found (listed, and written to ``--json``); 2: the dataset could not be read at
-all. Progress goes to stderr (a line every 30 s when it is not a terminal).
+all; 75: the ``--json`` report did not fit on the disk (one line names it, the bytes needed and
+free). Progress goes to stderr (a line every 30 s when it is not a terminal).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from relabel_dali import FormatError, LabelShardReader
 from relabel_dali.progress import progress
 from relabel_dali.data.encoded import encoded_problem, jpeg_problem
 from relabel_dali.data.listing import list_images
-from relabel_dali.atomic import atomic_write_bytes
+from relabel_dali.atomic import DISK_FULL_EXIT, DiskFullError, atomic_write_bytes
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -116,8 +117,11 @@ def main(argv=None) -> int:
     for item in report["notes"]:
         print(f"note: {item['file']}: {item['detail']} (decodes)")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(args.json, (json.dumps(report, indent=1) + "\n").encode())
+        try:
+            atomic_write_bytes(args.json, (json.dumps(report, indent=1) + "\n").encode())
+        except DiskFullError as error:
+            print(f"error: {error}; free space (or raise the quota) and rerun", file=sys.stderr)
+            return DISK_FULL_EXIT
     print(f"{report['images']} images, {report.get('records', 0)} label records: "
           f"{len(report['problems'])} problem(s), {len(report['notes'])} note(s)")
     return 1 if report["problems"] else 0
