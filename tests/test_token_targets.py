@@ -1,13 +1,17 @@
 """Token targets: the TokenLabeling reference and the image's geometry, compact targets and their
-loss."""
+loss, and TokenLabeling's own label files through pack_labels.py."""
+import numpy as np
 import pytest
 import torch
+from torchvision.ops import roi_align
 
+from relabel_dali import LabelShardReader
 from relabel_dali.ops.compact import CompactTargets
 from relabel_dali.ops.reference import dense_label_maps, official_label_pooling, random_boxes, reference_pool
 from relabel_dali.ops.token_reference import (compact_token_targets, object_topk_maps, pool_tokens_reference,
                                               token_label_pool, token_logits)
 from relabel_dali.train.losses import compact_soft_target_cross_entropy, soft_target_cross_entropy
+from tools import pack_labels
 
 C = 1000
 
@@ -187,3 +191,93 @@ class TestCompactLoss:
         compact = compact_token_targets(*maps, 2, C)
         with pytest.raises(ValueError, match=r"logits shape \(24, 9, 1000\) and compact targets \(24, 4, \d+\)"):
             compact_soft_target_cross_entropy(torch.zeros(24, 9, C), compact)
+
+
+# ---- TokenLabeling's own files ------------------------------------------------------------------
+def write_tokenlabeling_file(path, output):
+    """What their generate_label.py saves for one image: the head's output [H, W, C] (the conv head
+    permuted to channels last), top-5 along the classes, values and indices as float16, permuted to
+    [2, 5, H, W]."""
+    value, indices = output.topk(5)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torch.stack([value.half(), indices.half()]).permute(0, 3, 1, 2), path)
+
+
+def tokenlabeling_loader(files, crops, flips, sizes, label_size, num_classes):
+    """Their loader, from its published description: the file as float; where flipped, the map's
+    last axis reversed with the image, before the crop; the crop drawn on the (flipped) image as
+    pixels (i, j, h, w) kept as (i/H, j/W, h/W, w/W) and turned into (top, left, bottom, right); the
+    top-5 scattered into zeros; roi_align over those four times the map's last size minus 0.5, an
+    S x S grid after a 1 x 1 class token, softmax over the classes; tokens read as [B, S*S, C]."""
+    label_maps, coords = [], []
+    for path, (i, j, h, w), flip, (width, height) in zip(files, crops, flips, sizes):
+        label_map = torch.load(path).float()
+        if flip:
+            label_map = label_map.flip(3)
+        label_maps.append(label_map)
+        coords.append(torch.tensor([i / height, j / width, h / height, w / width], dtype=torch.float32))
+    topk, coords = torch.stack(label_maps), torch.stack(coords)
+    coords[:, 2:] += coords[:, :2]
+    n = len(files)
+    dense = torch.zeros(n, num_classes, topk.shape[3], topk.shape[4])
+    for one_map, one_topk in zip(dense, topk):
+        one_map.scatter_(0, one_topk[1].long(), one_topk[0])
+    rois = torch.cat([torch.arange(n).view(n, 1).float(), coords * dense.size(3) - 0.5], 1)
+    tokens = roi_align(dense, rois, output_size=(label_size, label_size))
+    cls = roi_align(dense, rois, output_size=(1, 1))
+    target = torch.softmax(torch.cat([cls.view(n, num_classes, 1), tokens.view(n, num_classes, -1)], 2), 1)
+    return target[:, :, 1:].transpose(1, 2)
+
+
+class TestTokenLabelingFiles:
+    def test_packed_files_pool_to_the_targets_their_loader_computes(self, tmp_path, capsys):
+        generator = torch.Generator().manual_seed(3)
+        src, out = tmp_path / "label_top5_train_nfnet", tmp_path / "shards"
+        keys = [f"n0000000{c}/n0000000{c}_{i}" for c in range(2) for i in range(4)]
+        scores, ids = object_topk_maps(len(keys), 12, 18, C, generator)  # NFNet-F6 at 576 px: 18x18
+        outputs = dense_label_maps(scores, ids, C) + 0.01 * torch.randn(len(keys), C, 18, 18, generator=generator)
+        for key, output in zip(keys, outputs):
+            write_tokenlabeling_file(src / f"{key}.pt", output.permute(1, 2, 0))
+        assert pack_labels.main([str(src), str(out), "--layout", "tokenlabeling"]) == 0
+        reader = LabelShardReader(out)
+        assert (reader.k, reader.height, reader.width, reader.num_classes) == (5, 18, 18, C)
+
+        rng = np.random.default_rng(0)
+        # power-of-two sides keep every coordinate exact in float32 on both sides, so that the two
+        # agree to the bit (their (top, left, h, w) sums and our 1 - x1 round alike)
+        sizes = [(int(rng.choice([256, 512])), int(rng.choice([256, 512]))) for _ in keys]
+        crops, boxes = [], []
+        flips = [bool(f) for f in rng.integers(0, 2, len(keys))]
+        for (width, height), flip in zip(sizes, flips):
+            w, h = int(rng.integers(40, width)), int(rng.integers(40, height))
+            i, j = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            crops.append((i, j, h, w))  # drawn on the flipped image where flipped
+            left = width - j - w if flip else j  # in the unflipped image
+            boxes.append([left / width, i / height, (left + w) / width, (i + h) / height])
+        theirs = tokenlabeling_loader([src / f"{key}.pt" for key in keys], crops, flips, sizes, 14, C)
+
+        stored = [reader[key] for key in keys]
+        packed_scores = torch.from_numpy(np.stack([s for s, _ in stored]))
+        packed_ids = torch.from_numpy(np.stack([i for _, i in stored]))
+        ours = pool_tokens_reference(packed_scores, packed_ids, torch.tensor(boxes), torch.tensor(flips), 14, C,
+                                     geometry="tokenlabeling")
+        assert torch.equal(ours, theirs)
+        # the image's geometry reads other windows: their targets are not the image's
+        image = pool_tokens_reference(packed_scores, packed_ids, torch.tensor(boxes), torch.tensor(flips), 14, C)
+        assert 0.5 * (image - theirs).abs().sum(-1).mean() > 0.05
+
+    def test_kept_rows_first(self, tmp_path):
+        output = torch.zeros(4, 6, 10)  # [H, W, C]: rows first, as their head's output is permuted
+        output[1, 4, 7] = 5.0
+        write_tokenlabeling_file(tmp_path / "src" / "a" / "b.pt", output)
+        assert pack_labels.main([str(tmp_path / "src"), str(tmp_path / "out"), "--layout", "tokenlabeling",
+                                 "--num-classes", "10"]) == 0
+        scores, ids = LabelShardReader(tmp_path / "out")["a/b"]
+        assert scores.shape == (5, 4, 6) and (scores[0, 1, 4], ids[0, 1, 4]) == (5.0, 7)
+
+    def test_more_classes_than_float16_ids_hold_are_refused(self, tmp_path, capsys):
+        with pytest.raises(SystemExit):
+            pack_labels.main([str(tmp_path), str(tmp_path / "out"), "--layout", "tokenlabeling",
+                              "--num-classes", "21843"])
+        assert "class ids are float16, exact only up to 2048, so ids of 21843 classes" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from relabel_dali.data import imagenet
 from relabel_dali.annotate.annotator import pool_boxes
-from relabel_dali.store.labelmaps import LAYOUTS, find_image, label_key, load_label_file, random_crops
+from relabel_dali.store.labelmaps import READINGS, find_image, label_key, load_label_file, random_crops
 from relabel_dali.store.reader import LabelShardReader
 from relabel_dali.atomic import atomic_write_bytes
 
@@ -201,31 +201,31 @@ def check(args: argparse.Namespace) -> dict:
         raise ValueError(f"no key is in both {args.labels} and {args.boxes} "
                          f"({len(maps.keys)} maps, {len(boxes)} box entries)")
     rng = np.random.default_rng(args.seed)
-    fractions = {layout: [] for layout in LAYOUTS}
-    differences, ious, confidences = [], [], {layout: [] for layout in LAYOUTS}
+    fractions = {layout: [] for layout in READINGS}
+    differences, ious, confidences = [], [], {layout: [] for layout in READINGS}
     for key in tqdm(keys, unit="img", desc="checking", disable=None):
         entry = boxes[key]
         width, height = entry["size"]
         raw = maps.raw(key)
-        per_layout = {layout: [] for layout in LAYOUTS}
+        per_layout = {layout: [] for layout in READINGS}
         for class_id, box in entry["objects"]:
             if not 0 <= class_id < maps.num_classes:
                 raise ValueError(f"{args.boxes}: {key}: class {class_id} outside [0, {maps.num_classes})")
             box_norm = (box[0] / width, box[1] / height, box[2] / width, box[3] / height)
-            values = {layout: mass_inside(*canonical(raw, layout), class_id, box_norm) for layout in LAYOUTS}
+            values = {layout: mass_inside(*canonical(raw, layout), class_id, box_norm) for layout in READINGS}
             if any(v is None for v in values.values()):
                 continue
-            for layout in LAYOUTS:
+            for layout in READINGS:
                 per_layout[layout].append(values[layout])
             crops = random_crops(rng, args.crops, width, height)
             ious.append(iou(crops, box_norm))
-            for layout in LAYOUTS:
+            for layout in READINGS:
                 scores, ids = canonical(raw, layout)
                 stack = lambda a: np.broadcast_to(a, (len(crops),) + a.shape).copy()  # noqa: E731
                 pooled = pool_boxes(stack(scores), stack(ids), crops, num_classes=maps.num_classes)
                 confidences[layout].append(pooled[:, class_id].numpy())
         if per_layout["official"]:
-            for layout in LAYOUTS:
+            for layout in READINGS:
                 fractions[layout].append(float(np.mean(per_layout[layout])))
             differences.append(fractions["official"][-1] - fractions["yx"][-1])
     if not differences:
@@ -245,11 +245,11 @@ def summarize(args, fractions, differences, ious, confidences) -> dict:
     all_ious = np.concatenate(ious)
     which = np.clip(np.digitize(all_ious, bins) - 1, 0, 9)
     curve = {layout: [float(np.concatenate(confidences[layout])[which == b].mean()) if np.any(which == b) else None
-                      for b in range(10)] for layout in LAYOUTS}
+                      for b in range(10)] for layout in READINGS}
     return {
         "images": len(differences), "verdict": verdict, "supported": supported, "p_value": p_value,
         "confidence": 1 - p_value,
-        "mean_mass_inside_box": {layout: float(np.mean(fractions[layout])) for layout in LAYOUTS},
+        "mean_mass_inside_box": {layout: float(np.mean(fractions[layout])) for layout in READINGS},
         "images_favouring": {"official": positive, "yx": negative, "tie": len(differences) - positive - negative},
         "mean_difference_official_minus_yx": float(differences.mean()),
         "bootstrap_95": [float(low), float(high)],

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Pack a tree of official ReLabel label maps into label shards.
+"""Pack a tree of official ReLabel (or TokenLabeling) label maps into label shards.
 
     python tools/pack_labels.py SRC OUT [--topk K] [--dtype float32|float16|uint8]
-        [--records-per-shard N] [--workers N] [--layout official|yx] [--image-root DIR]
+        [--records-per-shard N] [--workers N] [--layout official|yx|tokenlabeling] [--image-root DIR]
         [--on-error fail|skip]
 
 SRC holds ``<wnid>/<image>.pt`` files (or ``.npy``/``.npz``) of shape ``[2, k, H, W]``. Keys are the
@@ -31,8 +31,8 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from relabel_dali.store import format as fmt
-from relabel_dali.store.labelmaps import (LABEL_SUFFIXES, LAYOUTS, LabelMapError, is_image, label_key, load_label_file,
-                                   to_canonical)
+from relabel_dali.store.labelmaps import (FLOAT16_MAX_EXACT_ID, LABEL_SUFFIXES, LAYOUTS, LabelMapError, is_image,
+                                          label_key, load_label_file, to_canonical)
 from relabel_dali.progress import progress
 from relabel_dali.atomic import DISK_FULL_EXIT, DiskFullError, atomic_write_bytes, describe_bytes
 from relabel_dali.store.writer import LabelShardWriter, SourcesChangedError
@@ -52,13 +52,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--records-per-shard", type=int, default=10000)
     parser.add_argument("--workers", type=int, default=1, help="processes reading source files")
     parser.add_argument("--layout", choices=LAYOUTS, default="official",
-                        help="official: files as released (last axis vertical); yx: already [k, y, x]")
+                        help="official: ReLabel's files as released (last axis vertical); yx: already [k, y, x]; "
+                             "tokenlabeling: TokenLabeling's [2, 5, H, W] float16 files (rows first)")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--image-root", type=Path, help="report label files without images and vice versa")
     parser.add_argument("--on-error", choices=("fail", "skip"), default="fail")
     args = parser.parse_args(argv)
     if args.topk < 1 or args.records_per_shard < 1 or args.workers < 1:
         parser.error("--topk, --records-per-shard and --workers must be positive")
+    if args.layout == "tokenlabeling" and args.num_classes - 1 > FLOAT16_MAX_EXACT_ID:
+        parser.error(f"--layout tokenlabeling: the files' class ids are float16, exact only up to "
+                     f"{FLOAT16_MAX_EXACT_ID}, so ids of {args.num_classes} classes cannot be told apart; "
+                     f"make such maps with tools/relabel.py (uint16 ids) instead")
     return args
 
 

@@ -4,6 +4,9 @@ An official file holds one float tensor ``[2, k, A, B]``: ``[0]`` the scores, ``
 stored as floats. The official pooling code reads axis ``A`` as horizontal and ``B`` as vertical
 (see docs/ARCHITECTURE.md), so ``layout="official"`` transposes the last two axes into the
 canonical ``[k, y, x]``; ``layout="yx"`` takes maps that already are ``[k, y, x]``.
+``layout="tokenlabeling"`` reads TokenLabeling's files (``[2, 5, H, W]`` float16, written by their
+``generate_label.py`` rows first): already canonical, but their class ids are float16, exact only up
+to 2048 (docs/FORMAT.md, "TokenLabeling's label files").
 """
 from __future__ import annotations
 
@@ -15,7 +18,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 LABEL_SUFFIXES = (".pt", ".npy", ".npz")
-LAYOUTS = ("official", "yx")
+READINGS = ("official", "yx")  # the two ways to read the axes of a [k, A, B] map (tools/check_layout.py)
+LAYOUTS = READINGS + ("tokenlabeling",)  # the source files to_canonical converts
+# TokenLabeling stores class ids as float16, which holds every integer up to 2048 and no odd one above.
+FLOAT16_MAX_EXACT_ID = 2048
 # Images the tools and the sample source recognise (compared lower-case: .JPEG counts).
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
