@@ -181,13 +181,12 @@ class TestGpuLoader:
         # moved on to the next one: they must still carry their own batch's values.
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA GPU: torch.cuda.is_available() is False")
-        image_root, label_root, _ = dataset
+        image_root, _, _ = dataset
         runtime = dict(num_threads=1, py_workers=1, start_method="spawn")
         cpu = [{name: batch[name].clone() for name in HOST_METADATA}
-               for batch in train_loader(image_root, label_root, batch_size=2, seed=3, runtime=Runtime(**runtime))]
+               for batch in train_loader(image_root, batch_size=2, seed=3, runtime=Runtime(**runtime))]
         gpu = []
-        for batch in train_loader(image_root, label_root, batch_size=2, seed=3,
-                                  runtime=Runtime(device="cuda", **runtime)):
+        for batch in train_loader(image_root, batch_size=2, seed=3, runtime=Runtime(device="cuda", **runtime)):
             torch.cuda._sleep(50_000_000)  # cycles of queued GPU work
             gpu.append(batch)
         torch.cuda.synchronize()
