@@ -29,6 +29,7 @@ from relabel_dali.train.engine import (METRICS_NAME, STOPPED_EXIT, RunLogger, St
 from relabel_dali.store.format import FormatError
 from relabel_dali.train.models import build_model, unwrap
 from relabel_dali.train.optim import build_optimizer, build_schedule
+from relabel_dali.train.trace import RankTrace
 from relabel_dali.data.listing import BadSampleError
 
 
@@ -127,12 +128,16 @@ def train(cfg, env, data, state, checkpoint_path, stop: StopRequest) -> int:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     logger = RunLogger(out_dir / "tb" if env.is_main and cfg.util.tensorboard else None)
+    trace = RankTrace(out_dir, env) if cfg.util.trace_ranks else None
     real = build_real(cfg, data.val_keys)
     started = time.perf_counter()
     try:
         for epoch in range(start_epoch, cfg.optim.epochs):
-            stats = train_one_epoch(model, data.train_epoch(epoch), optimizer, schedule, scaler, cfg, epoch, env,
-                                    logger, stop=stop)
+            loader = data.train_epoch(epoch)
+            stats = train_one_epoch(model, trace.recording(loader) if trace else loader, optimizer, schedule, scaler,
+                                    cfg, epoch, env, logger, stop=stop)
+            if trace:
+                trace.epoch_done(epoch, unwrap(model))
             last = epoch + 1 == cfg.optim.epochs
             if last or (epoch + 1) % cfg.util.val_every == 0:
                 metrics = evaluate(model, data.val, cfg, env, real)
