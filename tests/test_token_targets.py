@@ -1,5 +1,7 @@
 """Token targets: the TokenLabeling reference and the image's geometry, compact targets and their
-loss, and TokenLabeling's own label files through pack_labels.py."""
+loss, TokenLabeling's own label files through pack_labels.py, and tools/token_targets.py."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,8 @@ from relabel_dali.ops.reference import dense_label_maps, official_label_pooling,
 from relabel_dali.ops.token_reference import (compact_token_targets, object_topk_maps, pool_tokens_reference,
                                               token_label_pool, token_logits)
 from relabel_dali.train.losses import compact_soft_target_cross_entropy, soft_target_cross_entropy
-from tools import pack_labels
+from conftest import make_dataset
+from tools import pack_labels, token_targets
 
 C = 1000
 
@@ -281,3 +284,26 @@ class TestTokenLabelingFiles:
                               "--num-classes", "21843"])
         assert "class ids are float16, exact only up to 2048, so ids of 21843 classes" in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
+
+
+class TestTool:
+    @pytest.mark.parametrize("source", ["synthetic", "shards"])
+    def test_reports_bytes_and_distances(self, tmp_path, capsys, source):
+        maps = "synthetic" if source == "synthetic" else str(make_dataset(tmp_path)[1])
+        report = tmp_path / "report.json"
+        assert token_targets.main(["--maps", maps, "--tokens", "4", "--batch", "8", "--batches", "2",
+                                   "--json", str(report)]) == 0
+        out = capsys.readouterr().out
+        assert "compact / dense: " in out and "image vs tokenlabeling geometry: mean TV" in out
+        result = json.loads(report.read_text())
+        classes = 1000 if source == "synthetic" else 16
+        assert result["num_classes"] == classes and len(result["batches"]) == 2
+        for batch in result["batches"]:
+            assert batch["dense_bytes"] == 8 * 16 * classes * 4
+            assert batch["compact_bytes"] == 8 * 16 * (batch["m"] * 8 + 4)
+        assert all(0 < d < 1 for d in result["tv_tokens"])
+
+    def test_bad_arguments(self, capsys):
+        with pytest.raises(SystemExit):
+            token_targets.main(["--maps", "synthetic", "--tokens", "0"])
+        assert "--tokens, --batch and --batches must be positive" in capsys.readouterr().err
