@@ -9,6 +9,9 @@ Two shared libraries come from ``relabel_dali/ops/csrc``:
 * the DALI-free C ABI library (``label_pool_capi.*``) that :mod:`relabel_dali.ops.pooling` calls through
   ctypes.
 
+A third, for tests only, runs the CUDA kernel's own source on the host (``testing_*``, g++ alone, no
+GPU or nvcc): :mod:`relabel_dali.ops.testing`.
+
 Builds are cached under ``$RELABEL_DALI_CACHE`` (default ``~/.cache/relabel_dali``), keyed by DALI
 version, compiler versions, source hash and CUDA archs. Concurrent builders serialise on an ``fcntl``
 lock and each library appears by atomic rename, so a half-written library is never loaded.
@@ -30,13 +33,17 @@ from functools import lru_cache
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-CXX_FLAGS = ["-std=c++20", "-O3", "-fPIC"]
+# -ffp-contract=off: host and device arithmetic agree bit for bit only if no multiply-add is fused (on
+# x86-64 without -march nothing is; on aarch64 GCC would fuse). -fno-math-errno lets std::llrint
+# compile to one instruction instead of a libm call.
+CXX_FLAGS = ["-std=c++20", "-O3", "-fPIC", "-ffp-contract=off", "-fno-math-errno"]
 # --fmad=false: fused multiply-adds would move roi_align sample points off torchvision's by an ulp.
 NVCC_FLAGS = ["-std=c++20", "-O3", "--fmad=false", "-Xcompiler", "-fPIC"]
 
 _lock = threading.Lock()
 _loaded_plugin: Path | None = None
 _capi: ctypes.CDLL | None = None
+_emulator: ctypes.CDLL | None = None
 _last_build: dict[str, bool] = {}
 
 
@@ -139,7 +146,7 @@ def _run(command: list[str], cwd: Path) -> None:
 def _build_cached(name: str, key_parts: list[str], steps) -> Path:
     """Returns the cached library ``name-KEY.so``, building it with ``steps(tmpdir) -> Path`` if absent."""
     digest = hashlib.sha256()
-    for part in key_parts:
+    for part in [*key_parts, " ".join(CXX_FLAGS), " ".join(NVCC_FLAGS)]:
         digest.update(part.encode() + b"\0")
     for source in sorted(CSRC.iterdir()):
         if source.suffix in (".h", ".cc", ".cu", ".cuh"):
@@ -213,6 +220,19 @@ def build_capi() -> Path:
                                       nvcc, cuda_include))
 
 
+def build_emulator() -> Path:
+    """Builds (or finds in the cache) the host emulation of the CUDA kernel (tests only; g++ alone)."""
+    compiler = host_compiler()
+    key = ["emulator", compiler_version(compiler)]
+
+    def steps(tmp: Path) -> Path:
+        library = tmp / "library.so"
+        _run([compiler, *CXX_FLAGS, "-shared", str(CSRC / "testing_label_pool_emulator.cc"), "-o", str(library)], tmp)
+        return library
+
+    return _build_cached("label_pool_emulator", key, steps)
+
+
 def load_operators() -> Path:
     """Builds if needed and loads the plugin once per process; ``nvidia.dali.fn.label_pool`` and
     ``nvidia.dali.fn.resize_jitter_normalize`` exist after."""
@@ -243,6 +263,25 @@ def load_capi() -> ctypes.CDLL:
             library.relabel_pool_has_cuda.restype = i32
             _capi = library
         return _capi
+
+
+def load_emulator() -> ctypes.CDLL:
+    """The kernel emulation library with argument types declared (loaded once per process)."""
+    global _emulator
+    with _lock:
+        if _emulator is None:
+            library = ctypes.CDLL(str(build_emulator()))
+            pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+            library.relabel_pool_emulated.argtypes = [pointer, i32, pointer, pointer, pointer, pointer, i64, i32, i32,
+                                                      i32, i32, i32, ctypes.c_uint64, i32, pointer, ctypes.c_char_p,
+                                                      i32]
+            library.relabel_pool_emulated.restype = i32
+            library.relabel_emulated_exp.argtypes = [pointer, pointer, i64]
+            library.relabel_emulated_exp.restype = None
+            library.relabel_emulated_order_probe.argtypes = [ctypes.c_uint64]
+            library.relabel_emulated_order_probe.restype = ctypes.c_float
+            _emulator = library
+        return _emulator
 
 
 def build_info() -> dict:

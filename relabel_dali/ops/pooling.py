@@ -55,19 +55,8 @@ def _check_boxes_on_device(boxes: torch.Tensor) -> None:
                          f"with x0 < x1 and y0 < y1")
 
 
-def pool_labels(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tensor, num_classes: int = 1000,
-                mode: str = "softmax", scale=None, offset=None, validate: bool = True) -> torch.Tensor:
-    """Pools top-k label maps over crop boxes: returns float32 ``[N, num_classes]`` targets.
-
-    ``scores`` [N, k, H, W] float32/float16/uint8 (uint8 reads as ``offset + scale * q`` with per-sample
-    ``scale``/``offset``, default 1 and 0; float scores ignore them), ``class_ids`` [N, k, H, W] of any
-    integer dtype, ``boxes`` [N, 4] ``(x0, y0, x1, y1)`` normalized to the whole image. ``mode`` is
-    ``softmax`` (official LabelPooling), ``argmax``, ``global_softmax`` or ``global_argmax``.
-    ``validate=False`` skips the range checks of class ids and boxes on CUDA tensors, each of which
-    synchronises the GPU (kernel benchmarks; the kernel still ignores out-of-range ids).
-    """
-    from relabel_dali.ops.build import load_capi
-
+def _check_inputs(scores, class_ids, boxes, num_classes: int, mode: str) -> torch.Size:
+    """The checks every backend shares; returns the batch shape [N, k, H, W]."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: expected one of {sorted(MODES)}")
     if not 1 <= num_classes <= MAX_CLASSES:
@@ -90,30 +79,67 @@ def pool_labels(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tens
     if class_ids.device != device or boxes.device != device:
         raise ValueError(f"scores, class_ids and boxes must be on one device, got {device}, {class_ids.device}, "
                          f"{boxes.device}")
+    if class_ids.dtype.is_floating_point or class_ids.dtype.is_complex or class_ids.dtype == torch.bool:
+        raise TypeError(f"class_ids: dtype {class_ids.dtype}, expected an integer dtype")
+    return scores.shape
 
+
+def _per_sample_arguments(scores, boxes, num_classes, mode, scale, offset) -> tuple[list, list]:
+    """(arguments from boxes to mode, as every native entry takes them; the tensors they point into)."""
+    n, k, h, w = scores.shape
+    boxes = boxes.to(torch.float32).contiguous()
+    is_uint8 = scores.dtype == torch.uint8
+    scale_t = _per_sample("scale", scale, n, 1.0, scores.device) if is_uint8 else None
+    offset_t = _per_sample("offset", offset, n, 0.0, scores.device) if is_uint8 else None
+    args = [boxes.data_ptr(), scale_t.data_ptr() if scale_t is not None else None,
+            offset_t.data_ptr() if offset_t is not None else None, n, k, h, w, num_classes, MODES[mode]]
+    return args, [boxes, scale_t, offset_t]
+
+
+def kernel_arguments(scores, class_ids, boxes, num_classes: int, mode: str, scale, offset,
+                     validate: bool) -> tuple[list, list]:
+    """(arguments of the kernel's entries, relabel_pool_cuda and its host emulation, up to the mode;
+    the tensors they point into, to keep alive until the kernel has run). ``validate`` checks class ids
+    and boxes with torch first (on CUDA tensors, each check synchronises the GPU)."""
+    scores = scores.contiguous()
+    ids = _check_class_ids(class_ids, num_classes) if validate else class_ids.to(torch.int16).contiguous()
+    per_sample, keep = _per_sample_arguments(scores, boxes, num_classes, mode, scale, offset)
+    if validate and MODES[mode] < 2:
+        _check_boxes_on_device(keep[0])
+    return [scores.data_ptr(), SCORE_TYPES[scores.dtype], ids.data_ptr(), *per_sample], [scores, ids, *keep]
+
+
+def raise_for_code(code: int, err) -> None:
+    """The native entries' failure codes as Python errors (RELABEL_CUDA_ERROR = 4 is a RuntimeError)."""
+    if code != 0:
+        raise (RuntimeError if code == 4 else ValueError)(err.value.decode(errors="replace"))
+
+
+def pool_labels(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tensor, num_classes: int = 1000,
+                mode: str = "softmax", scale=None, offset=None, validate: bool = True) -> torch.Tensor:
+    """Pools top-k label maps over crop boxes: returns float32 ``[N, num_classes]`` targets.
+
+    ``scores`` [N, k, H, W] float32/float16/uint8 (uint8 reads as ``offset + scale * q`` with per-sample
+    ``scale``/``offset``, default 1 and 0; float scores ignore them), ``class_ids`` [N, k, H, W] of any
+    integer dtype, ``boxes`` [N, 4] ``(x0, y0, x1, y1)`` normalized to the whole image. ``mode`` is
+    ``softmax`` (official LabelPooling), ``argmax``, ``global_softmax`` or ``global_argmax``.
+    ``validate=False`` skips the range checks of class ids and boxes on CUDA tensors, each of which
+    synchronises the GPU (kernel benchmarks; the kernel still ignores out-of-range ids).
+    """
+    from relabel_dali.ops.build import load_capi
+
+    n, k, h, w = _check_inputs(scores, class_ids, boxes, num_classes, mode)
+    device = scores.device
     out = torch.empty(n, num_classes, dtype=torch.float32, device=device)
     if n == 0:
         return out
-    scores = scores.contiguous()
-    if class_ids.dtype.is_floating_point or class_ids.dtype.is_complex or class_ids.dtype == torch.bool:
-        raise TypeError(f"class_ids: dtype {class_ids.dtype}, expected an integer dtype")
-    boxes = boxes.to(torch.float32).contiguous()
-    is_uint8 = scores.dtype == torch.uint8
-    scale_t = _per_sample("scale", scale, n, 1.0, device) if is_uint8 else None
-    offset_t = _per_sample("offset", offset, n, 0.0, device) if is_uint8 else None
-
     library = load_capi()
     err = ctypes.create_string_buffer(1024)
-    per_sample = [boxes.data_ptr(), scale_t.data_ptr() if scale_t is not None else None,
-                  offset_t.data_ptr() if offset_t is not None else None, n, k, h, w, num_classes, MODES[mode]]
     if device.type == "cuda":
-        ids = _check_class_ids(class_ids, num_classes) if validate else class_ids.to(torch.int16).contiguous()
-        args = [scores.data_ptr(), SCORE_TYPES[scores.dtype], ids.data_ptr(), *per_sample]
         if not library.relabel_pool_has_cuda():
             raise RuntimeError("pool_labels on CUDA tensors needs the pooling library built with nvcc "
                                "(unset RELABEL_DALI_NO_CUDA and make nvcc available)")
-        if validate and MODES[mode] < 2:
-            _check_boxes_on_device(boxes)
+        args, _keep = kernel_arguments(scores, class_ids, boxes, num_classes, mode, scale, offset, validate)
         stream = torch.cuda.current_stream(device).cuda_stream
         # A launch goes to the calling thread's current device, which must own the stream.
         with torch.cuda.device(device):
@@ -121,14 +147,15 @@ def pool_labels(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tens
     elif device.type == "cpu":
         # No torch ops here: their OpenMP workers would keep spinning on the cores the native
         # threads need. The native entry validates and converts the ids itself.
+        scores = scores.contiguous()
         if class_ids.dtype not in ID_TYPES:
             class_ids = class_ids.to(torch.int64)
         class_ids = class_ids.contiguous()
+        per_sample, _keep = _per_sample_arguments(scores, boxes, num_classes, mode, scale, offset)
         code = library.relabel_pool_cpu(scores.data_ptr(), SCORE_TYPES[scores.dtype], class_ids.data_ptr(),
                                         ID_TYPES[class_ids.dtype], *per_sample, torch.get_num_threads(),
                                         out.data_ptr(), err, len(err))
     else:
         raise ValueError(f"pool_labels runs on cpu or cuda tensors, got {device}")
-    if code != 0:
-        raise (RuntimeError if code == 4 else ValueError)(err.value.decode(errors="replace"))
+    raise_for_code(code, err)
     return out

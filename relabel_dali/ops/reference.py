@@ -60,7 +60,8 @@ def reference_pool(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.T
 def clear_top2(pooled: torch.Tensor, rel_gap: float = 1e-6) -> torch.Tensor:
     """Rows of pooled class scores [N, C] (either softmax mode's output) whose best value beats the
     second best by more than float rounding, ``rel_gap`` of the best. There every correct argmax
-    agrees; on near-ties the summation order (the GPU's atomic adds) may pick either class."""
+    agrees; on near-ties the summation order (roi_align's against the native backends' exact sums)
+    may pick either class."""
     if pooled.shape[1] == 1:
         return torch.ones(len(pooled), dtype=torch.bool, device=pooled.device)
     top2 = pooled.topk(2, dim=1).values

@@ -53,7 +53,7 @@ void LabelPool<dali::GPUBackend>::RunImpl(dali::Workspace &ws) {
   DeviceSample *device_samples = scratchpad.AllocateGPU<DeviceSample>(n);
   CUDA_CALL(cudaMemcpyAsync(device_samples, host_samples, n * sizeof(DeviceSample), cudaMemcpyHostToDevice,
                             ws.stream()));
-  // Every output element is written by the kernel (zeroed, then pooled), so no memset is needed.
+  // Every output element is written by the kernel (the pooled value, then the target): no memset.
   pool_samples_kernel<<<n, kPoolBlock, shared_bytes, ws.stream()>>>(device_samples, score_type_, num_classes_, mode_);
   CUDA_CALL(cudaGetLastError());
 }

@@ -107,7 +107,7 @@ extern "C" int relabel_pool_cpu(const void *scores, int score_type, const void *
   };
   auto run = [&](int64_t first, int64_t last, Failure &failure) {
     relabel_dali::HostScratchBuffers scratch;
-    scratch.Reserve(h, w, num_classes);
+    scratch.Reserve(k, h, w, num_classes);
     std::vector<uint16_t> converted(id_type == RELABEL_ID_UINT16 ? 0 : entries);
     for (int64_t i = first; i < last; ++i) {
       const float *box = boxes + 4 * i;

@@ -11,9 +11,11 @@
 // Everything marked RL_HD compiles for host and device; the host-only driver is at the end.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__CUDACC__)
@@ -46,6 +48,135 @@ RL_HD inline float add_rn(float a, float b) {
 #else
   return a + b;
 #endif
+}
+
+RL_HD inline uint32_t float_bits(float v) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(v);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
+#endif
+}
+
+RL_HD inline float bits_float(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+#endif
+}
+
+RL_HD inline bool is_finite(float v) { return (float_bits(v) & 0x7F800000u) != 0x7F800000u; }
+
+// The one NaN the pooling writes (host and device alike), whatever NaN produced it.
+RL_HD inline float pooled_nan() { return bits_float(0x7FC00000u); }
+
+// 2^e, built from its bits: e in [-126, 127] for float, [-1022, 1023] for double.
+RL_HD inline float pow2f(int e) { return bits_float(static_cast<uint32_t>(e + 127) << 23); }
+
+RL_HD inline double pow2(int e) {
+  const uint64_t bits = static_cast<uint64_t>(e + 1023) << 52;
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(bits));
+#else
+  double v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+#endif
+}
+
+// exp(x) from IEEE multiplies and adds only, so host and device give the same bits (CUDA's expf and
+// glibc's differ in the last bit on some inputs); within about 1 ulp of the true value.
+// x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so that n * ln2_hi is exact), e^r from its Taylor
+// series to degree 7 (truncation < 0.05 ulp), then scaled by 2^n (in two steps below 2^-126).
+RL_HD inline float exp_rn(float x) {
+  if (x != x) return x;
+  if (x < -104.0f) return 0.0f;  // below half the smallest subnormal
+  if (x > 89.0f) return INFINITY;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding and removing it rounds to an integer
+  const float n = add_rn(add_rn(mul_rn(x, 1.44269502f), shifter), -shifter);
+  const float r = add_rn(add_rn(x, -mul_rn(n, 0.693145751953125f)), -mul_rn(n, 1.42860677e-6f));
+  float q = 1.98412698e-4f;                  // 1/7!
+  q = add_rn(mul_rn(q, r), 1.38888889e-3f);  // 1/6!
+  q = add_rn(mul_rn(q, r), 8.33333377e-3f);  // 1/5!
+  q = add_rn(mul_rn(q, r), 4.16666679e-2f);  // 1/4!
+  q = add_rn(mul_rn(q, r), 1.66666672e-1f);  // 1/3!
+  q = add_rn(mul_rn(q, r), 0.5f);
+  const float m = add_rn(1.0f, add_rn(r, mul_rn(mul_rn(r, r), q)));
+  const int e = static_cast<int>(n);
+  if (e > 127) return mul_rn(mul_rn(m, pow2f(127)), pow2f(e - 127));
+  if (e < -126) return mul_rn(mul_rn(m, pow2f(e + 64)), pow2f(-64));
+  return mul_rn(m, pow2f(e));
+}
+
+// ---- exact sums ----
+// Per-class sums and the softmax normaliser are exact up to one rounding per term: each term goes onto
+// a fixed-point grid (an int64 count of 2^-s) fine enough for the sample, and the integers are added.
+// Integer addition does not depend on the order, so the host's loop and the GPU's atomics give the
+// same bits, run after run, and the float rounding of the result happens once, at the end.
+
+struct FixedPoint {
+  double to_fixed;  // 2^s
+  double to_float;  // 2^-s
+};
+
+// The finest grid on which up to max_terms terms of magnitude <= max_abs (finite) sum below 2^62:
+// a term's rounding error is at most 2^-s / 2, about max_abs * max_terms * 2^-63.
+RL_HD inline FixedPoint fixed_point_for(float max_abs, long long max_terms) {
+  int term_bits = 1;  // max_terms < 2^term_bits
+  while (term_bits < 62 && (1LL << term_bits) <= max_terms) ++term_bits;
+  const int biased = static_cast<int>((float_bits(max_abs) >> 23) & 0xFFu);
+  const int max_exponent = (biased > 1 ? biased : 1) - 126;  // max_abs < 2^max_exponent
+  const int s = 62 - term_bits - max_exponent;
+  return FixedPoint{pow2(s), pow2(-s)};
+}
+
+RL_HD inline long long to_fixed(float v, const FixedPoint &grid) {
+  const double scaled = static_cast<double>(v) * grid.to_fixed;  // exact: a power of two
+#if defined(__CUDA_ARCH__)
+  return __double2ll_rn(scaled);
+#else
+  return std::llrint(scaled);
+#endif
+}
+
+RL_HD inline float from_fixed(long long sum, const FixedPoint &grid) {
+  return static_cast<float>(static_cast<double>(sum) * grid.to_float);
+}
+
+// Terms that are not finite stay out of the integer sum; flags say which kinds a class received.
+enum NonFinite : unsigned { kNaNTerm = 1, kPlusInfTerm = 2, kMinusInfTerm = 4 };
+
+RL_HD inline unsigned nonfinite_flag(float v) { return v != v ? kNaNTerm : v > 0.0f ? kPlusInfTerm : kMinusInfTerm; }
+
+// A class's pooled value from its exact sum and flags: NaN if a term was NaN or both infinities came.
+RL_HD inline float pooled_value(long long sum, unsigned nonfinite, const FixedPoint &grid) {
+  if ((nonfinite & kNaNTerm) || ((nonfinite & kPlusInfTerm) && (nonfinite & kMinusInfTerm))) return pooled_nan();
+  if (nonfinite & kPlusInfTerm) return INFINITY;
+  if (nonfinite & kMinusInfTerm) return -INFINITY;
+  return from_fixed(sum, grid);
+}
+
+// torch.argmax order: NaN first (the lowest class id among NaNs), then the larger value, then the lower
+// class id. A strict total order, so any reduction tree picks the same class.
+RL_HD inline bool argmax_before(float a, int a_id, float b, int b_id) {
+  const bool a_nan = a != a, b_nan = b != b;
+  if (a_nan || b_nan) return a_nan && (!b_nan || a_id < b_id);
+  return a > b || (a == b && a_id < b_id);
+}
+
+// Softmax: e_c = exp(v_c - max) <= 1 for every class, summed exactly on the grid of num_classes terms
+// of at most 1; the outputs are e_c * float(1 / sum).
+RL_HD inline FixedPoint softmax_grid(int num_classes) { return fixed_point_for(1.0f, num_classes); }
+
+RL_HD inline float softmax_term(float value, float max_value) { return exp_rn(add_rn(value, -max_value)); }
+
+RL_HD inline float softmax_inverse(long long sum, const FixedPoint &grid) {
+  return static_cast<float>(1.0 / (static_cast<double>(sum) * grid.to_float));
 }
 
 // IEEE binary16 -> binary32 by bits, so host code needs no half type.
@@ -187,6 +318,10 @@ struct HostScratch {
   int *touched = nullptr;                    // class ids seen with a nonzero weight, [num_classes + 1]
   float *values = nullptr;                   // per touched class, [num_classes]
   uint8_t *seen = nullptr;                   // [num_classes], all zero between samples
+  long long *sums = nullptr;                 // exact per-class sums, [num_classes], all zero between samples
+  uint8_t *nonfinite = nullptr;              // per-class NonFinite flags, [num_classes], all zero between samples
+  int *entry_class = nullptr;                // the weighted entries' classes and products, [k * h * w]
+  float *entry_product = nullptr;
 };
 
 // Owns a HostScratch; Reserve grows it for a map size and class count, never shrinks it.
@@ -195,17 +330,29 @@ struct HostScratchBuffers {
   std::vector<int> touched;
   std::vector<float> values;
   std::vector<uint8_t> seen;
+  std::vector<long long> sums;
+  std::vector<uint8_t> nonfinite;
+  std::vector<int> entry_class;
+  std::vector<float> entry_product;
   HostScratch view;
 
-  void Reserve(int h, int w, int num_classes) {
+  void Reserve(int k, int h, int w, int num_classes) {
+    const size_t entries = static_cast<size_t>(k) * h * w;
+    if (entry_class.size() < entries) {
+      entry_class.resize(entries);
+      entry_product.resize(entries);
+    }
     if (static_cast<int>(row_w.size()) < h) row_w.resize(h);
     if (static_cast<int>(col_w.size()) < w) col_w.resize(w);
     if (static_cast<int>(seen.size()) < num_classes) {
       touched.resize(num_classes + 1);  // the branch-free append writes one past the last class
       values.resize(num_classes);
       seen.resize(num_classes, 0);
+      sums.resize(num_classes, 0);
+      nonfinite.resize(num_classes, 0);
     }
-    view = HostScratch{row_w.data(), col_w.data(), touched.data(), values.data(), seen.data()};
+    view = HostScratch{row_w.data(), col_w.data(), touched.data(), values.data(), seen.data(), sums.data(),
+                       nonfinite.data(), entry_class.data(), entry_product.data()};
   }
 };
 
@@ -216,9 +363,11 @@ inline long long first_bad_class_id(const uint16_t *ids, size_t count, int num_c
   return -1;
 }
 
-// Pools one sample into out[num_classes]. Inputs must be validated (box, class ids) beforehand.
-// Softmax and argmax are computed over the touched classes plus one shared value for the absent
-// ones (pooled score 0), so the cost follows k*h*w rather than num_classes.
+// Pools one sample into out[num_classes]; the box must be valid (box_problem). The same arithmetic as
+// the GPU kernel (label_pool_kernel.cuh), so both give the same bits: per-class sums exact on a
+// fixed-point grid, the argmax order of argmax_before, the softmax of softmax_term/softmax_inverse.
+// Softmax and argmax run over the touched classes plus one shared value for the absent ones (pooled
+// score 0), so the cost follows k*h*w rather than num_classes.
 inline void pool_sample_host(const SampleView &s, int num_classes, int mode, float *out, HostScratch &scratch) {
   const int h = s.h, w = s.w;
   if (is_global(mode)) {
@@ -231,70 +380,92 @@ inline void pool_sample_host(const SampleView &s, int num_classes, int mode, flo
     axis_weights(gy, scratch.row_w);
     axis_weights(gx, scratch.col_w);
   }
-  for (int c = 0; c < num_classes; ++c) out[c] = 0.0f;
 
-  int n_touched = 0;
+  // Pass 1, over the entries of the weighted cells in cell order (y, x, then j): their classes and
+  // products, the touched classes (in first-touch order) and the largest finite |product|, which sets
+  // the sample's fixed-point grid. Class ids >= num_classes are skipped, as the GPU kernel skips them.
+  int n_entries = 0, n_touched = 0;
+  uint32_t max_abs_bits = 0;
   const size_t plane = static_cast<size_t>(h) * w;
   for (int y = 0; y < h; ++y) {
     const float wy = scratch.row_w[y];
     if (wy == 0.0f) continue;
     for (int x = 0; x < w; ++x) {
-      const float weight = wy * scratch.col_w[x];
+      const float weight = mul_rn(wy, scratch.col_w[x]);
       if (weight == 0.0f) continue;
       const size_t cell = static_cast<size_t>(y) * w + x;
       for (int j = 0; j < s.k; ++j) {
         const size_t e = j * plane + cell;
         const int id = s.class_ids[e];
+        if (id >= num_classes) continue;
+        const float product = mul_rn(weight, load_score(s.scores, s.score_type, e, s.scale, s.offset));
+        scratch.entry_class[n_entries] = id;
+        scratch.entry_product[n_entries++] = product;
         // Branch-free first-touch bookkeeping: ids arrive in no predictable order.
         scratch.touched[n_touched] = id;
         n_touched += scratch.seen[id] ^ 1;
         scratch.seen[id] = 1;
-        out[id] += weight * load_score(s.scores, s.score_type, e, s.scale, s.offset);
+        if (is_finite(product)) max_abs_bits = std::max(max_abs_bits, float_bits(product) & 0x7FFFFFFFu);
       }
     }
+  }
+  // Pass 2: the exact sums.
+  const FixedPoint grid = fixed_point_for(bits_float(max_abs_bits), static_cast<long long>(s.k) * plane);
+  for (int i = 0; i < n_entries; ++i) {
+    const int id = scratch.entry_class[i];
+    const float product = scratch.entry_product[i];
+    if (is_finite(product))
+      scratch.sums[id] += to_fixed(product, grid);
+    else
+      scratch.nonfinite[id] |= nonfinite_flag(product);
+  }
+  for (int t = 0; t < n_touched; ++t) {
+    const int id = scratch.touched[t];
+    scratch.values[t] = pooled_value(scratch.sums[id], scratch.nonfinite[id], grid);
+    scratch.sums[id] = 0;
+    scratch.nonfinite[id] = 0;
   }
 
   const int n_absent = num_classes - n_touched;
   if (is_argmax(mode)) {
-    // torch.argmax semantics on the dense vector: the largest value, the lowest class id on ties.
-    int best = -1;
+    int best = -1;  // absent classes score 0; the lowest absent id stands for them all
+    if (n_absent > 0)
+      for (best = 0; scratch.seen[best];) ++best;
     float best_value = 0.0f;
     for (int t = 0; t < n_touched; ++t) {
       const int id = scratch.touched[t];
-      const float v = out[id];
-      if (best < 0 || v > best_value || (v == best_value && id < best)) {
+      if (best < 0 || argmax_before(scratch.values[t], id, best_value, best)) {
         best = id;
-        best_value = v;
+        best_value = scratch.values[t];
       }
     }
-    if (n_absent > 0) {
-      int first_absent = 0;
-      while (scratch.seen[first_absent]) ++first_absent;
-      if (best < 0 || 0.0f > best_value || (0.0f == best_value && first_absent < best)) {
-        best = first_absent;
-      }
-    }
-    for (int t = 0; t < n_touched; ++t) {
-      out[scratch.touched[t]] = 0.0f;
-      scratch.seen[scratch.touched[t]] = 0;
-    }
+    for (int t = 0; t < n_touched; ++t) scratch.seen[scratch.touched[t]] = 0;
+    for (int c = 0; c < num_classes; ++c) out[c] = 0.0f;
     out[best] = 1.0f;
     return;
   }
 
+  // The max passes NaNs over: a NaN class makes its own term NaN below, and the whole output NaN.
   float max_value = n_absent > 0 ? 0.0f : -INFINITY;
-  for (int t = 0; t < n_touched; ++t) max_value = fmaxf(max_value, out[scratch.touched[t]]);
-  double sum = n_absent * static_cast<double>(expf(-max_value));
+  for (int t = 0; t < n_touched; ++t)
+    if (scratch.values[t] > max_value) max_value = scratch.values[t];
+  const FixedPoint unit = softmax_grid(num_classes);
+  const float absent_term = softmax_term(0.0f, max_value);
+  long long sum = n_absent > 0 ? n_absent * to_fixed(absent_term, unit) : 0;
+  bool any_nan = false;
   for (int t = 0; t < n_touched; ++t) {
-    const float e = expf(out[scratch.touched[t]] - max_value);
-    scratch.values[t] = e;
-    sum += e;
+    const float term = softmax_term(scratch.values[t], max_value);
+    scratch.values[t] = term;
+    if (term != term)
+      any_nan = true;
+    else
+      sum += to_fixed(term, unit);
   }
-  const float inv_sum = static_cast<float>(1.0 / sum);
-  const float absent_value = expf(-max_value) * inv_sum;
+  const float inv_sum = any_nan ? pooled_nan() : softmax_inverse(sum, unit);
+  const float absent_value = any_nan ? pooled_nan() : mul_rn(absent_term, inv_sum);
   for (int c = 0; c < num_classes; ++c) out[c] = absent_value;
   for (int t = 0; t < n_touched; ++t) {
-    out[scratch.touched[t]] = scratch.values[t] * inv_sum;
+    out[scratch.touched[t]] = any_nan ? pooled_nan() : mul_rn(scratch.values[t], inv_sum);
     scratch.seen[scratch.touched[t]] = 0;
   }
 }
