@@ -2,7 +2,7 @@
 threads, barriers, shuffles and atomics (relabel_dali.ops.testing), against the CPU op (bit for bit) and
 the literal reference (value by value), for every mode and score dtype, edge boxes and maps, class
 counts, out-of-range class ids and NaN scores; the emulated kernel is the same under 50 interleavings
-of its threads."""
+of its threads; the shared-memory check of both launch sites accounts for the kernel's own variables."""
 import zlib
 
 import numpy as np
@@ -11,7 +11,8 @@ import torch
 
 from relabel_dali.ops.pooling import pool_labels
 from relabel_dali.ops.reference import MODES, clear_top2, random_boxes, random_topk_maps, reference_pool
-from relabel_dali.ops.testing import order_probe, pool_labels_emulated, shared_exp
+from relabel_dali.ops.testing import (kernel_shared_limits, order_probe, pool_labels_emulated,
+                                      shared_exp)
 from relabel_dali.store import format as fmt
 
 TOL = 1e-6
@@ -222,6 +223,33 @@ class TestDeterminism:
         results = [order_probe(seed) for seed in range(20)]
         assert len(set(results)) > 5
         assert order_probe(7) == results[7]
+
+
+class TestLaunchLimits:
+    """The dynamic shared memory (H + W axis weights) shares the 48 KiB of a block with the kernel's
+    static variables; both launch sites check the sum (kPoolMaxAxes in label_pool_kernel.cuh)."""
+
+    def test_the_check_counts_the_static_shared_memory(self):
+        static_bytes, max_axes = kernel_shared_limits()
+        assert static_bytes > 0 and static_bytes + 4 * max_axes <= 48 * 1024 < static_bytes + 4 * (max_axes + 1)
+
+    def test_largest_accepted_map_launches(self):
+        _, max_axes = kernel_shared_limits()
+        scores, class_ids, boxes = batch(1, 1, 1, max_axes - 1, 4, seed=1)
+        got = pool_labels_emulated(scores, class_ids, boxes, 4, "global_softmax")
+        assert torch.equal(bits(got), bits(pool_labels(scores, class_ids, boxes, 4, "global_softmax")))
+
+    def test_one_more_is_refused_before_launch(self):
+        _, max_axes = kernel_shared_limits()
+        scores, class_ids, boxes = batch(1, 1, 1, max_axes, 4, seed=1)
+        with pytest.raises(ValueError, match=rf"map 1x{max_axes} too large .*h \+ w must be <= {max_axes}\)"):
+            pool_labels_emulated(scores, class_ids, boxes, 4, "global_softmax")
+
+    def test_without_the_check_the_launch_fails(self):
+        # H + W = 12288 passed the former check (dynamic shared memory alone <= 48 KiB).
+        scores, class_ids, boxes = batch(1, 1, 1, 12287, 4, seed=1)
+        with pytest.raises(RuntimeError, match="too many resources requested for launch"):
+            pool_labels_emulated(scores, class_ids, boxes, 4, "global_softmax", check_launch=False)
 
 
 class TestSharedExp:

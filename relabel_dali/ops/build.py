@@ -276,6 +276,8 @@ def load_emulator() -> ctypes.CDLL:
                                                       i32, i32, i32, ctypes.c_uint64, i32, pointer, ctypes.c_char_p,
                                                       i32]
             library.relabel_pool_emulated.restype = i32
+            library.relabel_emulated_limits.argtypes = [ctypes.POINTER(ctypes.c_longlong)] * 2
+            library.relabel_emulated_limits.restype = None
             library.relabel_emulated_exp.argtypes = [pointer, pointer, i64]
             library.relabel_emulated_exp.restype = None
             library.relabel_emulated_order_probe.argtypes = [ctypes.c_uint64]

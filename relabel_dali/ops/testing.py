@@ -35,6 +35,16 @@ def pool_labels_emulated(scores: torch.Tensor, class_ids: torch.Tensor, boxes: t
     return out
 
 
+def kernel_shared_limits() -> tuple[int, int]:
+    """(the kernel's static shared memory in bytes, the largest H + W a launch accepts), as both launch
+    sites compute them."""
+    from relabel_dali.ops.build import load_emulator
+
+    static_bytes, max_axes = ctypes.c_longlong(), ctypes.c_longlong()
+    load_emulator().relabel_emulated_limits(ctypes.byref(static_bytes), ctypes.byref(max_axes))
+    return static_bytes.value, max_axes.value
+
+
 def shared_exp(x: torch.Tensor) -> torch.Tensor:
     """exp_rn, the exponential the host and the kernel share, on a float32 tensor."""
     from relabel_dali.ops.build import load_emulator

@@ -47,9 +47,10 @@ void LabelPool<dali::GPUBackend>::RunImpl(dali::Workspace &ws) {
     s.w = shape[2];
     max_axes = std::max(max_axes, s.h + s.w);
   }
+  DALI_ENFORCE(max_axes <= kPoolMaxAxes,
+               dali::make_string("LabelPool: label maps with H + W = ", max_axes, " exceed the GPU limit of ",
+                                 kPoolMaxAxes, " (the axis weights live in the block's shared memory)"));
   const size_t shared_bytes = static_cast<size_t>(max_axes) * sizeof(float);
-  DALI_ENFORCE(shared_bytes <= 48 * 1024,
-               dali::make_string("LabelPool: label maps with H + W = ", max_axes, " exceed the GPU limit of 12288"));
   DeviceSample *device_samples = scratchpad.AllocateGPU<DeviceSample>(n);
   CUDA_CALL(cudaMemcpyAsync(device_samples, host_samples, n * sizeof(DeviceSample), cudaMemcpyHostToDevice,
                             ws.stream()));

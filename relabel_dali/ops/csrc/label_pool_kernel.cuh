@@ -223,6 +223,11 @@ __device__ inline void pool_batch_sample(const BatchArgs &args, long long i, int
 // host emulation ----
 
 constexpr size_t kPoolSharedLimit = 48 * 1024;  // per block, without the opt-in for more
+// The kernel's own shared variables, which count against the same limit as the dynamic part placed
+// after them (rounded up to that part's alignment).
+constexpr size_t kPoolStaticSharedBytes = (sizeof(PoolShared) + 15) / 16 * 16;
+// The largest H + W one block can hold: the axis weights take (H + W) floats of dynamic shared memory.
+constexpr int kPoolMaxAxes = static_cast<int>((kPoolSharedLimit - kPoolStaticSharedBytes) / sizeof(float));
 
 inline size_t pool_dynamic_shared_bytes(int h, int w) { return (static_cast<size_t>(h) + w) * sizeof(float); }
 
@@ -237,8 +242,8 @@ inline int check_batch_launch(long long n, int k, int h, int w, int num_classes,
              num_classes);
     return RELABEL_BAD_ARGUMENT;
   }
-  if (pool_dynamic_shared_bytes(h, w) > kPoolSharedLimit) {
-    snprintf(err, err_len, "map %dx%d too large for the CUDA kernel (h + w must be <= 12288)", h, w);
+  if (static_cast<long long>(h) + w > kPoolMaxAxes) {
+    snprintf(err, err_len, "map %dx%d too large for the CUDA kernel (h + w must be <= %d)", h, w, kPoolMaxAxes);
     return RELABEL_BAD_ARGUMENT;
   }
   return RELABEL_OK;

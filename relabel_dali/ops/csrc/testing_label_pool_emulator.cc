@@ -43,6 +43,12 @@ extern "C" int relabel_pool_emulated(const void *scores, int score_type, const u
   return RELABEL_OK;
 }
 
+// The kernel's shared-memory figures as both launch sites use them (tests of the launch checks).
+extern "C" void relabel_emulated_limits(long long *static_shared_bytes, long long *max_axes) {
+  *static_shared_bytes = static_cast<long long>(relabel_dali::kPoolStaticSharedBytes);
+  *max_axes = relabel_dali::kPoolMaxAxes;
+}
+
 // exp_rn, the exponential the host and the kernel share, on n floats.
 extern "C" void relabel_emulated_exp(const float *x, float *y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = relabel_dali::exp_rn(x[i]);
