@@ -155,10 +155,19 @@ def pool_with_operator(scores, class_ids, boxes, mode: str, device: str, scale=N
     return torch.from_numpy(np.array(out.as_tensor()))
 
 
+def same_bits(a, b) -> bool:
+    """Equal float tensors bit for bit (NaNs included, +0 and -0 told apart)."""
+    import torch
+
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 def child_parity(s: dict) -> dict:
     """Every backend against the literal reference, and the GPU backends against the CPU ones, for
     each mode and score dtype. Argmax modes: only rows whose top two pooled scores are clearly
-    apart (reference.clear_top2), where every correct argmax agrees."""
+    apart (reference.clear_top2), where every correct argmax agrees. Determinism: pool_labels runs
+    each batch twice on the device, and the GPU's outputs must equal the CPU's bit for bit (the
+    kernel's sums are exact, docs/OPERATOR.md)."""
     import torch
 
     from relabel_dali.ops.pooling import pool_labels
@@ -170,7 +179,7 @@ def child_parity(s: dict) -> dict:
     boxes = random_boxes(n, g)
     edges = edge_boxes(15, 15)
     boxes[:len(edges)] = edges
-    diffs, clear_fractions = {}, {}
+    diffs, clear_fractions, bit_identical = {}, {}, {}
     for dtype in ("float32", "float16", "uint8"):
         stored, scale, offset, floats = stored_scores(scores, dtype)
         soft = {}
@@ -183,6 +192,9 @@ def child_parity(s: dict) -> dict:
                     return None if t is None else t.to(where)
                 got[f"pool_labels_{where}"] = pool_labels(to(stored), to(class_ids), to(boxes), 1000, mode,
                                                           to(scale), to(offset)).cpu()
+                again = pool_labels(to(stored), to(class_ids), to(boxes), 1000, mode, to(scale), to(offset)).cpu()
+                bit_identical[f"pool_labels_{where}_twice/{dtype}/{mode}"] = same_bits(again,
+                                                                                      got[f"pool_labels_{where}"])
                 if not s["no_dali"]:
                     got[f"operator_{where}"] = pool_with_operator(stored, class_ids, boxes, mode, where, scale, offset)
             rows = torch.ones(n, dtype=torch.bool)
@@ -195,17 +207,26 @@ def child_parity(s: dict) -> dict:
             if device == "cuda":
                 pairs += [(f"{kind}_cuda_vs_cpu", got[f"{kind}_cpu"]) for kind in ("pool_labels", "operator")
                           if f"{kind}_cpu" in got]
+                for kind in ("pool_labels", "operator"):
+                    if f"{kind}_cpu" in got:
+                        bit_identical[f"{kind}_cuda_vs_cpu/{dtype}/{mode}"] = same_bits(got[f"{kind}_cuda"],
+                                                                                      got[f"{kind}_cpu"])
             for name, against in pairs:
                 mine = got[name.replace("_vs_cpu", "")]
                 diffs[f"{name}/{dtype}/{mode}"] = float((mine[rows] - against[rows]).abs().max())
     worst = max(diffs, key=diffs.get)
     numbers = {"batch": n, "edge_boxes": len(edges), "tolerance": TOLERANCE, "worst_abs_diff": diffs[worst],
                "worst": worst, "min_clear_fraction_argmax": min(clear_fractions.values()),
-               "max_abs_diff": diffs, "clear_fraction_argmax": clear_fractions}
+               "max_abs_diff": diffs, "clear_fraction_argmax": clear_fractions,
+               "bit_identical": bit_identical}
     bad = [f"{k} = {v:.3g}" for k, v in diffs.items() if not v <= TOLERANCE]
     if bad:
         raise StepFailure(f"{len(bad)} of {len(diffs)} comparisons exceed {TOLERANCE}: " + "; ".join(bad[:6]),
                           numbers)
+    different = [name for name, same in bit_identical.items() if not same]
+    if different:
+        raise StepFailure(f"{len(different)} of {len(bit_identical)} outputs that must be equal bit for bit differ "
+                          "(the same batch twice on one device, or GPU vs CPU): " + "; ".join(different[:6]), numbers)
     # Near-ties must stay rare, or the comparison would prove little. uint8 scores make them more
     # common, most of all for the one-cell edge boxes (a cell's own quantized scores).
     if numbers["min_clear_fraction_argmax"] < 0.95:
