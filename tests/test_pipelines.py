@@ -14,7 +14,8 @@ from nvidia.dali import fn, pipeline_def, types
 
 from pipelines.training import colour_transform, training_pipeline
 from pipelines.validation import validation_pipeline
-from relabel_dali import LabelShardReader, augment
+from relabel_dali import LabelShardReader
+from relabel_dali.data import augment
 from relabel_dali.data.settings import Runtime, TrainAugment, ValTransform
 from relabel_dali.data.source import SampleSource
 
