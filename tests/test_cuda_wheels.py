@@ -93,3 +93,38 @@ class TestMakeCudaWheels:
     def test_an_nvcc_anywhere_installs_nothing(self, fake_node, nvcc_at, env):
         tmp, run = fake_node
         assert run(nvcc_at=nvcc_at, env_extra={k: v.format(tmp=tmp) for k, v in env.items()}) == []
+
+
+class TestBuildFindsTheWheels:
+    """Where the wheels put nvcc and the static runtime, and what the build makes of it."""
+
+    def wheel_tree(self, tmp_path) -> Path:
+        root = tmp_path / "site-packages" / "nvidia" / "cu13"
+        (root / "bin").mkdir(parents=True)
+        (root / "lib").mkdir()
+        nvcc = root / "bin" / "nvcc"
+        nvcc.write_text("#!/bin/sh\n")
+        nvcc.chmod(0o755)
+        return nvcc
+
+    def test_nvcc_in_site_packages_is_found_after_the_usual_places(self, tmp_path, monkeypatch):
+        from relabel_dali.ops import build
+
+        nvcc = self.wheel_tree(tmp_path)
+        monkeypatch.delenv("RELABEL_DALI_NO_CUDA", raising=False)
+        monkeypatch.delenv("CUDA_HOME", raising=False)
+        monkeypatch.delenv("CUDA_PATH", raising=False)
+        monkeypatch.setattr(build.shutil, "which", lambda name: None)
+        monkeypatch.setattr(build.sys, "path", ["", str(tmp_path / "site-packages")])
+        real_access = os.access
+        monkeypatch.setattr(build.os, "access", lambda p, m: not str(p).startswith("/usr/local/cuda")
+                            and real_access(p, m))
+        assert build.find_nvcc() == str(nvcc)
+
+    def test_link_flag_only_where_the_static_runtime_is(self, tmp_path):
+        from relabel_dali.ops import build
+
+        nvcc = self.wheel_tree(tmp_path)
+        assert build.nvcc_library_flags(str(nvcc)) == []
+        (nvcc.parent.parent / "lib" / "libcudart_static.a").write_bytes(b"")
+        assert build.nvcc_library_flags(str(nvcc)) == [f"-L{nvcc.parent.parent / 'lib'}"]

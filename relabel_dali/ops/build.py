@@ -79,7 +79,15 @@ def find_nvcc() -> str | None:
     for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if root:
             candidates.append(str(Path(root) / "bin" / "nvcc"))
+    # The registry's CUDA 13 wheels (`make cuda-wheels`) put nvcc in site-packages, not on PATH.
+    candidates += [str(Path(d) / "nvidia" / "cu13" / "bin" / "nvcc") for d in sys.path if d]
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def nvcc_library_flags(nvcc: str) -> list[str]:
+    """-L for the CUDA wheels' static runtime: their nvcc looks in lib64, the wheels install lib."""
+    lib = Path(nvcc).resolve().parent.parent / "lib"
+    return [f"-L{lib}"] if (lib / "libcudart_static.a").exists() else []
 
 
 def find_cuda_include(nvcc: str | None) -> Path:
@@ -187,7 +195,8 @@ def _compile_and_link(tmp: Path, cc_sources: list[str], cu_sources: list[str], c
         list(pool.map(lambda command: _run(command, tmp), jobs))
     library = tmp / "library.so"
     # nvcc links the CUDA runtime statically, so the library needs no libcudart at load time.
-    linker = [nvcc, "-shared", "-Xcompiler", "-fPIC"] if nvcc else [compiler, "-shared", "-fPIC"]
+    linker = [nvcc, "-shared", "-Xcompiler", "-fPIC", *nvcc_library_flags(nvcc)] if nvcc else \
+        [compiler, "-shared", "-fPIC"]
     _run([*linker, *objects, "-o", str(library), *ldflags], tmp)
     return library
 
