@@ -264,7 +264,8 @@ def load_capi() -> ctypes.CDLL:
         if _capi is None:
             library = ctypes.CDLL(str(build_capi()))
             pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-            common = [pointer, i32, pointer, pointer, pointer, pointer, i64, i32, i32, i32, i32, i32]
+            # ... mode, output_size, mirror: every entry's arguments from the scores to the flips.
+            common = [pointer, i32, pointer, pointer, pointer, pointer, i64, i32, i32, i32, i32, i32, i32, pointer]
             # The CPU entry also takes the class id dtype code, right after the class id pointer.
             library.relabel_pool_cpu.argtypes = [*common[:3], i32, *common[3:], i32, pointer, ctypes.c_char_p, i32]
             library.relabel_pool_cuda.argtypes = [*common, pointer, pointer, ctypes.c_char_p, i32]
@@ -282,8 +283,8 @@ def load_emulator() -> ctypes.CDLL:
             library = ctypes.CDLL(str(build_emulator()))
             pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
             library.relabel_pool_emulated.argtypes = [pointer, i32, pointer, pointer, pointer, pointer, i64, i32, i32,
-                                                      i32, i32, i32, ctypes.c_uint64, i32, pointer, ctypes.c_char_p,
-                                                      i32]
+                                                      i32, i32, i32, i32, pointer, ctypes.c_uint64, i32, pointer,
+                                                      ctypes.c_char_p, i32]
             library.relabel_pool_emulated.restype = i32
             library.relabel_emulated_limits.argtypes = [ctypes.POINTER(ctypes.c_longlong)] * 2
             library.relabel_emulated_limits.restype = None

@@ -55,10 +55,16 @@ def _check_boxes_on_device(boxes: torch.Tensor) -> None:
                          f"with x0 < x1 and y0 < y1")
 
 
-def _check_inputs(scores, class_ids, boxes, num_classes: int, mode: str) -> torch.Size:
+def _check_inputs(scores, class_ids, boxes, num_classes: int, mode: str, output_size: int | None = None) -> torch.Size:
     """The checks every backend shares; returns the batch shape [N, k, H, W]."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: expected one of {sorted(MODES)}")
+    if output_size is not None:
+        if isinstance(output_size, bool) or not isinstance(output_size, int) or not 1 <= output_size <= 4096:
+            raise ValueError(f"output_size {output_size!r}: expected None or an int in 1..4096 (tokens per side)")
+        if output_size > 1 and mode.startswith("global"):
+            raise ValueError(f"output_size {output_size} needs a box mode (softmax or argmax): {mode!r} pools the "
+                             f"whole map into one target")
     if not 1 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes = {num_classes}, expected 1..{MAX_CLASSES}")
     for name, tensor in (("scores", scores), ("class_ids", class_ids), ("boxes", boxes)):
@@ -84,26 +90,48 @@ def _check_inputs(scores, class_ids, boxes, num_classes: int, mode: str) -> torc
     return scores.shape
 
 
-def _per_sample_arguments(scores, boxes, num_classes, mode, scale, offset) -> tuple[list, list]:
-    """(arguments from boxes to mode, as every native entry takes them; the tensors they point into)."""
+def _mirror_flags(mirror, n: int, device) -> torch.Tensor | None:
+    """Per-sample flips as uint8 0/1 on ``device``, or None (no flips)."""
+    if mirror is None:
+        return None
+    flags = torch.as_tensor(mirror, device=device).reshape(-1)
+    if flags.dtype.is_floating_point or flags.dtype.is_complex:
+        raise TypeError(f"mirror: dtype {flags.dtype}, expected bool or an integer dtype")
+    if flags.numel() == 1:
+        flags = flags.expand(n)
+    if flags.numel() != n:
+        raise ValueError(f"mirror: {flags.numel()} values for {n} samples, expected one per sample or one in all")
+    return (flags != 0).to(torch.uint8).contiguous()
+
+
+def _per_sample_arguments(scores, boxes, num_classes, mode, scale, offset, output_size,
+                          mirror) -> tuple[list, list]:
+    """(arguments from boxes to mirror, as every native entry takes them; the tensors they point into)."""
     n, k, h, w = scores.shape
     boxes = boxes.to(torch.float32).contiguous()
     is_uint8 = scores.dtype == torch.uint8
     scale_t = _per_sample("scale", scale, n, 1.0, scores.device) if is_uint8 else None
     offset_t = _per_sample("offset", offset, n, 0.0, scores.device) if is_uint8 else None
+    mirror_t = _mirror_flags(mirror, n, scores.device)
     args = [boxes.data_ptr(), scale_t.data_ptr() if scale_t is not None else None,
-            offset_t.data_ptr() if offset_t is not None else None, n, k, h, w, num_classes, MODES[mode]]
-    return args, [boxes, scale_t, offset_t]
+            offset_t.data_ptr() if offset_t is not None else None, n, k, h, w, num_classes, MODES[mode],
+            output_size or 1, mirror_t.data_ptr() if mirror_t is not None else None]
+    return args, [boxes, scale_t, offset_t, mirror_t]
 
 
-def kernel_arguments(scores, class_ids, boxes, num_classes: int, mode: str, scale, offset,
-                     validate: bool) -> tuple[list, list]:
-    """(arguments of the kernel's entries, relabel_pool_cuda and its host emulation, up to the mode;
+def output_shape(n: int, num_classes: int, output_size: int | None) -> tuple[int, ...]:
+    """[N, C] for one target per crop (``output_size=None``), [N, S*S, C] for token targets."""
+    return (n, num_classes) if output_size is None else (n, output_size * output_size, num_classes)
+
+
+def kernel_arguments(scores, class_ids, boxes, num_classes: int, mode: str, scale, offset, validate: bool,
+                     output_size: int | None = None, mirror=None) -> tuple[list, list]:
+    """(arguments of the kernel's entries, relabel_pool_cuda and its host emulation, up to the flips;
     the tensors they point into, to keep alive until the kernel has run). ``validate`` checks class ids
     and boxes with torch first (on CUDA tensors, each check synchronises the GPU)."""
     scores = scores.contiguous()
     ids = _check_class_ids(class_ids, num_classes) if validate else class_ids.to(torch.int16).contiguous()
-    per_sample, keep = _per_sample_arguments(scores, boxes, num_classes, mode, scale, offset)
+    per_sample, keep = _per_sample_arguments(scores, boxes, num_classes, mode, scale, offset, output_size, mirror)
     if validate and MODES[mode] < 2:
         _check_boxes_on_device(keep[0])
     return [scores.data_ptr(), SCORE_TYPES[scores.dtype], ids.data_ptr(), *per_sample], [scores, ids, *keep]
@@ -116,8 +144,10 @@ def raise_for_code(code: int, err) -> None:
 
 
 def pool_labels(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tensor, num_classes: int = 1000,
-                mode: str = "softmax", scale=None, offset=None, validate: bool = True) -> torch.Tensor:
-    """Pools top-k label maps over crop boxes: returns float32 ``[N, num_classes]`` targets.
+                mode: str = "softmax", scale=None, offset=None, validate: bool = True, output_size: int | None = None,
+                mirror=None) -> torch.Tensor:
+    """Pools top-k label maps over crop boxes: returns float32 ``[N, num_classes]`` targets, or with
+    ``output_size`` S the token targets ``[N, S*S, num_classes]``.
 
     ``scores`` [N, k, H, W] float32/float16/uint8 (uint8 reads as ``offset + scale * q`` with per-sample
     ``scale``/``offset``, default 1 and 0; float scores ignore them), ``class_ids`` [N, k, H, W] of any
@@ -125,12 +155,17 @@ def pool_labels(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tens
     ``softmax`` (official LabelPooling), ``argmax``, ``global_softmax`` or ``global_argmax``.
     ``validate=False`` skips the range checks of class ids and boxes on CUDA tensors, each of which
     synchronises the GPU (kernel benchmarks; the kernel still ignores out-of-range ids).
+
+    Token targets (``softmax`` and ``argmax``; docs/OPERATOR.md): the box RoIAligned to S x S, token
+    ``r * S + c`` at row r, column c of the crop as the student sees it after the flip; ``mirror`` [N]
+    (bool or integers, or one for all) says which crops were flipped. S = 1 gives the per-crop targets,
+    bit for bit, as ``[N, 1, C]``.
     """
     from relabel_dali.ops.build import load_capi
 
-    n, k, h, w = _check_inputs(scores, class_ids, boxes, num_classes, mode)
+    n, k, h, w = _check_inputs(scores, class_ids, boxes, num_classes, mode, output_size)
     device = scores.device
-    out = torch.empty(n, num_classes, dtype=torch.float32, device=device)
+    out = torch.empty(output_shape(n, num_classes, output_size), dtype=torch.float32, device=device)
     if n == 0:
         return out
     library = load_capi()
@@ -139,7 +174,8 @@ def pool_labels(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tens
         if not library.relabel_pool_has_cuda():
             raise RuntimeError("pool_labels on CUDA tensors needs the pooling library built with nvcc "
                                "(unset RELABEL_DALI_NO_CUDA and make nvcc available)")
-        args, _keep = kernel_arguments(scores, class_ids, boxes, num_classes, mode, scale, offset, validate)
+        args, _keep = kernel_arguments(scores, class_ids, boxes, num_classes, mode, scale, offset, validate,
+                                       output_size, mirror)
         stream = torch.cuda.current_stream(device).cuda_stream
         # A launch goes to the calling thread's current device, which must own the stream.
         with torch.cuda.device(device):
@@ -151,7 +187,8 @@ def pool_labels(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tens
         if class_ids.dtype not in ID_TYPES:
             class_ids = class_ids.to(torch.int64)
         class_ids = class_ids.contiguous()
-        per_sample, _keep = _per_sample_arguments(scores, boxes, num_classes, mode, scale, offset)
+        per_sample, _keep = _per_sample_arguments(scores, boxes, num_classes, mode, scale, offset, output_size,
+                                                  mirror)
         code = library.relabel_pool_cpu(scores.data_ptr(), SCORE_TYPES[scores.dtype], class_ids.data_ptr(),
                                         ID_TYPES[class_ids.dtype], *per_sample, torch.get_num_threads(),
                                         out.data_ptr(), err, len(err))

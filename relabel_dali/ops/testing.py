@@ -12,23 +12,24 @@ import ctypes
 
 import torch
 
-from relabel_dali.ops.pooling import _check_inputs, kernel_arguments, raise_for_code
+from relabel_dali.ops.pooling import _check_inputs, kernel_arguments, output_shape, raise_for_code
 
 
 def pool_labels_emulated(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tensor, num_classes: int = 1000,
                          mode: str = "softmax", scale=None, offset=None, validate: bool = True, *, seed: int = 0,
-                         check_launch: bool = True) -> torch.Tensor:
+                         check_launch: bool = True, output_size: int | None = None, mirror=None) -> torch.Tensor:
     """``pool_labels`` on CPU tensors through the emulated CUDA kernel. ``check_launch=False`` skips the
     entry's launch checks (shape, shared memory), leaving the emulated launch to refuse what a GPU would."""
     from relabel_dali.ops.build import load_emulator
 
-    n, k, h, w = _check_inputs(scores, class_ids, boxes, num_classes, mode)
+    n, k, h, w = _check_inputs(scores, class_ids, boxes, num_classes, mode, output_size)
     if scores.device.type != "cpu":
         raise ValueError(f"the kernel emulation runs on cpu tensors, got {scores.device}")
-    out = torch.empty(n, num_classes, dtype=torch.float32)
+    out = torch.empty(output_shape(n, num_classes, output_size), dtype=torch.float32)
     if n == 0:
         return out
-    args, _keep = kernel_arguments(scores, class_ids, boxes, num_classes, mode, scale, offset, validate)
+    args, _keep = kernel_arguments(scores, class_ids, boxes, num_classes, mode, scale, offset, validate, output_size,
+                                   mirror)
     err = ctypes.create_string_buffer(1024)
     code = load_emulator().relabel_pool_emulated(*args, seed, int(check_launch), out.data_ptr(), err, len(err))
     raise_for_code(code, err)

@@ -12,7 +12,10 @@ DALI_SCHEMA(LabelPool)
 
 Inputs: ``scores`` [k, H, W] float32, float16 or uint8 (value = offset + scale * q); ``class_ids``
 [k, H, W] uint16 in canonical [k, y, x] layout; ``boxes`` [4] float32 (x0, y0, x1, y1) normalized to the
-whole image, always on the CPU. Output: [num_classes] float32.
+whole image, always on the CPU. Output: [num_classes] float32, or with ``output_size`` S >= 1 the
+token targets [S*S, num_classes]: the box RoIAligned to S x S (bin size box / S, ceil(box / S) sample
+points per bin and axis), token ``r * S + c`` at row r, column c of the crop as the student sees it,
+after the flip ``mirror`` (which reverses the columns).
 
 ``mode="softmax"`` RoIAligns the dense map over the box to 1x1 (torchvision semantics, aligned=False,
 sampling_ratio=-1, roi = box * size - 0.5) and takes a softmax over all classes, absent ones scoring 0;
@@ -24,7 +27,11 @@ and ``global_argmax`` use the mean over the whole map and ignore the box.)")
     .AddOptionalArg("num_classes", "Length of the output class vector; class ids >= num_classes are ignored.", 1000)
     .AddOptionalArg("mode", "softmax, argmax, global_softmax or global_argmax.", std::string("softmax"))
     .AddOptionalArg("scale", "Per-sample dequantization scale for uint8 scores.", 1.0f, true)
-    .AddOptionalArg("offset", "Per-sample dequantization offset for uint8 scores.", 0.0f, true);
+    .AddOptionalArg("offset", "Per-sample dequantization offset for uint8 scores.", 0.0f, true)
+    .AddOptionalArg("output_size", "Tokens per side S of the token targets [S*S, num_classes] (softmax and "
+                    "argmax modes); 0 gives one [num_classes] target per crop.", 0)
+    .AddOptionalArg("mirror", "Per-sample horizontal flip of the crop (bool or integer, nonzero = flipped), the "
+                    "one the image got: token columns are reversed. No effect without output_size.", 0, true);
 
 }  // namespace dali
 
@@ -50,6 +57,7 @@ void LabelPool<dali::CPUBackend>::RunImpl(dali::Workspace &ws) {
   const int threads = pool.NumThreads();
   scratch_.resize(threads);
   for (auto &s : scratch_) s.Reserve(max_k, max_h, max_w, num_classes_);
+  const int grid = grid_size();
 
   // Class ids >= num_classes are skipped, as the GPU backend (which cannot raise) skips them.
   for (int i = 0; i < n; ++i) {
@@ -59,8 +67,8 @@ void LabelPool<dali::CPUBackend>::RunImpl(dali::Workspace &ws) {
       const auto *ids = static_cast<const uint16_t *>(class_ids.raw_tensor(i));
       const SampleView sample{scores.raw_tensor(i), score_type_, ids, k, h, w,
                               static_cast<const float *>(boxes.raw_tensor(i)), scale_[i].data[0], offset_[i].data[0]};
-      pool_sample_host(sample, num_classes_, mode_, static_cast<float *>(output.raw_mutable_tensor(i)),
-                       scratch_[thread].view);
+      pool_tokens_host(sample, num_classes_, mode_, grid, mirror_[i] != 0,
+                       static_cast<float *>(output.raw_mutable_tensor(i)), scratch_[thread].view);
     }, -i);
   }
   pool.RunAll();

@@ -11,11 +11,14 @@ namespace relabel_dali {
 
 namespace {
 
-__global__ void pool_samples_kernel(const DeviceSample *samples, int score_type, int num_classes, int mode) {
+// Token t of sample i is block i * output_size^2 + t.
+__global__ void pool_samples_kernel(const DeviceSample *samples, int score_type, int num_classes, int mode,
+                                    int output_size) {
+  const int tokens = output_size * output_size;
   // A local copy: read through a reference into global memory, every field would be reloaded
   // inside the loops, since the compiler must assume the output stores may alias the descriptor.
-  const DeviceSample sample = samples[blockIdx.x];
-  pool_sample_device(sample, score_type, num_classes, mode);
+  const DeviceSample sample = samples[blockIdx.x / tokens];
+  pool_sample_device(sample, score_type, num_classes, mode, output_size, static_cast<int>(blockIdx.x % tokens));
 }
 
 }  // namespace
@@ -45,6 +48,7 @@ void LabelPool<dali::GPUBackend>::RunImpl(dali::Workspace &ws) {
     s.k = shape[0];
     s.h = shape[1];
     s.w = shape[2];
+    s.mirror = mirror_[i];
     max_axes = std::max(max_axes, s.h + s.w);
   }
   DALI_ENFORCE(max_axes <= kPoolMaxAxes,
@@ -54,8 +58,12 @@ void LabelPool<dali::GPUBackend>::RunImpl(dali::Workspace &ws) {
   DeviceSample *device_samples = scratchpad.AllocateGPU<DeviceSample>(n);
   CUDA_CALL(cudaMemcpyAsync(device_samples, host_samples, n * sizeof(DeviceSample), cudaMemcpyHostToDevice,
                             ws.stream()));
+  const long long blocks = static_cast<long long>(n) * tokens();
+  DALI_ENFORCE(blocks <= 0x7FFFFFFF, dali::make_string("LabelPool: ", n, " samples x ", tokens(),
+                                                       " tokens exceed one launch's 2^31 - 1 blocks"));
   // Every output element is written by the kernel (the pooled value, then the target): no memset.
-  pool_samples_kernel<<<n, kPoolBlock, shared_bytes, ws.stream()>>>(device_samples, score_type_, num_classes_, mode_);
+  pool_samples_kernel<<<static_cast<unsigned>(blocks), kPoolBlock, shared_bytes, ws.stream()>>>(
+      device_samples, score_type_, num_classes_, mode_, grid_size());
   CUDA_CALL(cudaGetLastError());
 }
 

@@ -1,7 +1,9 @@
-// LabelPool DALI operator: pools top-k label maps over crop boxes into [num_classes] targets.
+// LabelPool DALI operator: pools top-k label maps over crop boxes into [num_classes] targets, or into
+// [output_size^2, num_classes] token targets.
 // The math is in label_pool_math.h; this file declares the operator and its shared input checks.
 #pragma once
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -27,10 +29,15 @@ class LabelPool : public dali::Operator<Backend> {
       : dali::Operator<Backend>(spec),
         num_classes_(spec.GetArgument<int>("num_classes")),
         mode_(parse_pool_mode(spec.GetArgument<std::string>("mode"))),
+        output_size_(spec.GetArgument<int>("output_size")),
         scale_("scale", spec),
         offset_("offset", spec) {
     DALI_ENFORCE(num_classes_ >= 1 && num_classes_ <= 65536,
                  dali::make_string("LabelPool: num_classes = ", num_classes_, ", expected 1..65536 (uint16 ids)"));
+    // output_size 0 (the default) is one [num_classes] target per crop: the 1x1 grid without its axis.
+    if (output_size_ != 0)
+      if (const char *problem = output_size_problem(mode_, output_size_))
+        DALI_FAIL(dali::make_string("LabelPool: output_size ", output_size_, " ", problem));
   }
 
  protected:
@@ -67,11 +74,43 @@ class LabelPool : public dali::Operator<Backend> {
     }
     scale_.Acquire(this->spec_, ws, n);
     offset_.Acquire(this->spec_, ws, n);
+    AcquireMirror(ws, n);
     output_desc.resize(1);
     output_desc[0].type = DALI_FLOAT;
-    output_desc[0].shape = dali::uniform_list_shape(n, dali::TensorShape<1>{num_classes_});
+    if (output_size_ == 0)
+      output_desc[0].shape = dali::uniform_list_shape(n, dali::TensorShape<1>{num_classes_});
+    else
+      output_desc[0].shape = dali::uniform_list_shape(n, dali::TensorShape<2>{output_size_ * output_size_, num_classes_});
     return true;
   }
+
+  // The per-sample flips: a constant or an argument input of any integer or bool type, one value per
+  // sample (nonzero = mirrored; an integer is nonzero exactly when one of its bytes is).
+  void AcquireMirror(const dali::Workspace &ws, int n) {
+    mirror_.assign(n, 0);
+    if (!this->spec_.HasTensorArgument("mirror")) {
+      const int constant = this->spec_.template GetArgument<int>("mirror");
+      for (auto &m : mirror_) m = constant != 0;
+      return;
+    }
+    const auto &input = ws.ArgumentInput("mirror");
+    DALI_ENFORCE(input.num_samples() == n, dali::make_string("LabelPool: mirror has ", input.num_samples(),
+                                                             " samples, expected ", n));
+    const dali::DALIDataType type = input.type();
+    DALI_ENFORCE(type == DALI_BOOL || dali::IsIntegral(type),
+                 dali::make_string("LabelPool: mirror must be bool or an integer type, got ", type));
+    const size_t bytes = dali::TypeTable::GetTypeInfo(type).size();
+    for (int i = 0; i < n; ++i) {
+      DALI_ENFORCE(dali::volume(input.tensor_shape(i)) == 1,
+                   dali::make_string("LabelPool: sample ", i, ": mirror has shape ", input.tensor_shape(i),
+                                     ", expected one value"));
+      const auto *raw = static_cast<const uint8_t *>(input.raw_tensor(i));
+      mirror_[i] = std::any_of(raw, raw + bytes, [](uint8_t b) { return b != 0; });
+    }
+  }
+
+  int tokens() const { return output_size_ == 0 ? 1 : output_size_ * output_size_; }
+  int grid_size() const { return output_size_ == 0 ? 1 : output_size_; }
 
   void RunImpl(dali::Workspace &ws) override;
 
@@ -84,8 +123,10 @@ class LabelPool : public dali::Operator<Backend> {
 
   int num_classes_;
   int mode_;
+  int output_size_;  // 0: [num_classes] per sample; S >= 1: [S * S, num_classes]
   int score_type_ = kScoreFloat32;
   dali::ArgValue<float> scale_, offset_;
+  std::vector<uint8_t> mirror_;  // per sample, this iteration
   std::vector<HostScratchBuffers> scratch_;  // one per CPU pool thread
 };
 

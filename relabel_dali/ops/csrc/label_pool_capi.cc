@@ -83,8 +83,8 @@ size_t id_size(int id_type) {
 
 extern "C" int relabel_pool_cpu(const void *scores, int score_type, const void *class_ids, int id_type,
                                 const float *boxes, const float *scale, const float *offset, int64_t n, int k, int h,
-                                int w, int num_classes, int mode, int num_threads, float *out, char *err,
-                                int err_len) {
+                                int w, int num_classes, int mode, int output_size, const uint8_t *mirror,
+                                int num_threads, float *out, char *err, int err_len) {
   if (n < 0 || k < 1 || h < 1 || w < 1)
     return fail(err, err_len, RELABEL_BAD_ARGUMENT, "map shape [n, k, h, w] = [%lld, %d, %d, %d] must be positive",
                 static_cast<long long>(n), k, h, w);
@@ -92,6 +92,9 @@ extern "C" int relabel_pool_cpu(const void *scores, int score_type, const void *
     return fail(err, err_len, RELABEL_BAD_ARGUMENT, "num_classes = %d, expected 1..65536", num_classes);
   if (mode < relabel_dali::kSoftmax || mode > relabel_dali::kGlobalArgmax)
     return fail(err, err_len, RELABEL_BAD_ARGUMENT, "unknown mode code %d", mode);
+  if (const char *problem = relabel_dali::output_size_problem(mode, output_size))
+    return fail(err, err_len, RELABEL_BAD_ARGUMENT, "output_size %d %s", output_size, problem);
+  const size_t targets = static_cast<size_t>(output_size) * output_size * num_classes;  // per sample
   if (score_type < relabel_dali::kScoreFloat32 || score_type > relabel_dali::kScoreUint8)
     return fail(err, err_len, RELABEL_BAD_ARGUMENT, "unknown score type code %d", score_type);
   if (id_type < RELABEL_ID_UINT16 || id_type > RELABEL_ID_UINT8)
@@ -141,10 +144,13 @@ extern "C" int relabel_pool_cpu(const void *scores, int score_type, const void *
                               box,
                               scale ? scale[i] : 1.0f,
                               offset ? offset[i] : 0.0f};
-      relabel_dali::pool_sample_host(sample, num_classes, mode, out + i * num_classes, scratch.view);
+      relabel_dali::pool_tokens_host(sample, num_classes, mode, output_size, mirror && mirror[i], out + i * targets,
+                                     scratch.view);
     }
   };
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n / 64)));
+  // Threads for at least 64 targets each: a sample of S x S tokens is S^2 times the work of one.
+  const int64_t work = n * output_size * output_size;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, work / 64)));
   std::vector<Failure> failures(threads);
   if (threads == 1) {
     run(0, n, failures[0]);
@@ -164,7 +170,8 @@ extern "C" int relabel_pool_cpu(const void *scores, int score_type, const void *
 
 #ifndef RELABEL_WITH_CUDA
 extern "C" int relabel_pool_cuda(const void *, int, const uint16_t *, const float *, const float *, const float *,
-                                 int64_t, int, int, int, int, int, void *, float *, char *err, int err_len) {
+                                 int64_t, int, int, int, int, int, int, const uint8_t *, void *, float *, char *err,
+                                 int err_len) {
   return fail(err, err_len, RELABEL_CUDA_ERROR, "this build of the pooling library has no CUDA support");
 }
 

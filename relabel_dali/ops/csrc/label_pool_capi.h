@@ -1,8 +1,10 @@
 // C ABI of the DALI-free pooling library, loaded by relabel_dali/ops/pooling.py through ctypes.
 //
 // Batches are contiguous: scores [n, k, h, w] (score_type from label_pool_math.h), class_ids
-// [n, k, h, w] uint16, boxes [n, 4] float32, scale/offset [n] float32 or null (1 and 0), out
-// [n, num_classes] float32. Return 0 on success; otherwise a nonzero code and a message in err.
+// [n, k, h, w] uint16, boxes [n, 4] float32, scale/offset [n] float32 or null (1 and 0), mirror [n]
+// uint8 or null (no flips), out [n, output_size^2, num_classes] float32: token targets, row-major over
+// the crop as seen after the flip (label_pool_math.h, token_col_bin); output_size 1 is one target per
+// crop. Return 0 on success; otherwise a nonzero code and a message in err.
 #pragma once
 
 #include <cstdint>
@@ -16,12 +18,14 @@ enum { RELABEL_ID_UINT16 = 0, RELABEL_ID_INT16 = 1, RELABEL_ID_INT32 = 2, RELABE
 // Validates every box and class id (any of the RELABEL_ID_* integer types), reporting the lowest bad sample.
 int relabel_pool_cpu(const void *scores, int score_type, const void *class_ids, int id_type, const float *boxes,
                      const float *scale, const float *offset, int64_t n, int k, int h, int w, int num_classes,
-                     int mode, int num_threads, float *out, char *err, int err_len);
+                     int mode, int output_size, const uint8_t *mirror, int num_threads, float *out, char *err,
+                     int err_len);
 
 // Device pointers, uint16 class ids; validation of boxes and class ids is the caller's (it would need a sync here).
 int relabel_pool_cuda(const void *scores, int score_type, const uint16_t *class_ids, const float *boxes,
                       const float *scale, const float *offset, int64_t n, int k, int h, int w, int num_classes,
-                      int mode, void *stream, float *out, char *err, int err_len);
+                      int mode, int output_size, const uint8_t *mirror, void *stream, float *out, char *err,
+                      int err_len);
 
 // 1 when the library was built with the CUDA entry point.
 int relabel_pool_has_cuda(void);

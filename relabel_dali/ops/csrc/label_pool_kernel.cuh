@@ -1,7 +1,9 @@
 // The LabelPool CUDA kernel body, shared by the DALI GPU operator and the C ABI: one block pools one
-// sample. It computes what the host's pool_sample_host (label_pool_math.h) computes, with the same
+// token of one sample (a sample's S x S tokens are S^2 consecutive blocks; S = 1 is one block per
+// sample). It computes what the host's pool_token_host (label_pool_math.h) computes, with the same
 // shared arithmetic, so the two give the same bits:
-//   1. the axis weights (one thread per row/column), cell weight = row weight x column weight;
+//   1. the axis weights of the token's bins (one thread per row/column), cell weight = row weight x
+//      column weight;
 //   2. the largest finite |weight x score| over the entries (a block max), which fixes the sample's
 //      fixed-point grid (fixed_point_for);
 //   3. per-class exact sums: each entry adds its product, as an int64 on that grid, into a shared
@@ -37,10 +39,11 @@ static_assert(kClassWindow % kPoolBlock == 0, "each class stays with one thread 
 struct DeviceSample {
   const void *scores;         // [k, h, w]
   const uint16_t *class_ids;  // [k, h, w]
-  float *out;                 // [num_classes]
+  float *out;                 // [output_size^2, num_classes]
   float box[4];
   float scale, offset;
   int k, h, w;
+  int mirror;                 // the crop is flipped after pooling (token_col_bin)
 };
 
 struct ArgBest {
@@ -106,22 +109,28 @@ __device__ inline float cell_weight(const DeviceSample &s, const float *row_w, c
   return mul_rn(row_w[cell / s.w], col_w[cell % s.w]);
 }
 
-// Needs pool_dynamic_shared_bytes(s.h, s.w) of dynamic shared memory and blockDim.x == kPoolBlock.
-// Class ids >= num_classes are skipped, as on the host (the rule is documented in docs/OPERATOR.md).
-// The descriptor comes by value, so it lives in registers: the output stores cannot alias it.
-__device__ inline void pool_sample_device(const DeviceSample s, int score_type, int num_classes, int mode) {
+// Pools token `token` of an output_size x output_size grid (pool_token_host's bins) into
+// s.out + token * num_classes. Needs pool_dynamic_shared_bytes(s.h, s.w) of dynamic shared memory and
+// blockDim.x == kPoolBlock. Class ids >= num_classes are skipped, as on the host (the rule is
+// documented in docs/OPERATOR.md). The descriptor comes by value, so it lives in registers: the output
+// stores cannot alias it.
+__device__ inline void pool_sample_device(const DeviceSample s, int score_type, int num_classes, int mode,
+                                          int output_size, int token) {
   PoolShared &shared = pool_shared();
   float *row_w = pool_dynamic_shared(), *col_w = row_w + s.h;
+  float *const out = s.out + static_cast<size_t>(token) * num_classes;
   const int tid = threadIdx.x;
 
   if (is_global(mode)) {
     for (int y = tid; y < s.h; y += kPoolBlock) row_w[y] = 1.0f / static_cast<float>(s.h);
     for (int x = tid; x < s.w; x += kPoolBlock) col_w[x] = 1.0f / static_cast<float>(s.w);
   } else {
-    const AxisGrid gy = make_axis_grid(s.box[1], s.box[3], s.h);
-    const AxisGrid gx = make_axis_grid(s.box[0], s.box[2], s.w);
-    for (int y = tid; y < s.h; y += kPoolBlock) row_w[y] = axis_weight(gy, y);
-    for (int x = tid; x < s.w; x += kPoolBlock) col_w[x] = axis_weight(gx, x);
+    const AxisGrid gy = make_axis_grid(s.box[1], s.box[3], s.h, output_size);
+    const AxisGrid gx = make_axis_grid(s.box[0], s.box[2], s.w, output_size);
+    const int row_bin = token_row_bin(token, output_size);
+    const int col_bin = token_col_bin(token, output_size, s.mirror != 0);
+    for (int y = tid; y < s.h; y += kPoolBlock) row_w[y] = axis_weight(gy, row_bin, y);
+    for (int x = tid; x < s.w; x += kPoolBlock) col_w[x] = axis_weight(gx, col_bin, x);
   }
   __syncthreads();
 
@@ -139,7 +148,7 @@ __device__ inline void pool_sample_device(const DeviceSample s, int score_type, 
   max_abs_bits = block_reduce(max_abs_bits, shared.word, [](unsigned a, unsigned b) { return a > b ? a : b; });
   const FixedPoint grid = fixed_point_for(bits_float(max_abs_bits), total);
 
-  // Exact per-class sums, kClassWindow classes per pass; s.out receives the pooled values.
+  // Exact per-class sums, kClassWindow classes per pass; out receives the pooled values.
   for (int first = 0; first < num_classes; first += kClassWindow) {
     const int count = num_classes - first < kClassWindow ? num_classes - first : kClassWindow;
     for (int i = tid; i < count; i += kPoolBlock) shared.sums[i] = 0;
@@ -158,7 +167,7 @@ __device__ inline void pool_sample_device(const DeviceSample s, int score_type, 
     }
     __syncthreads();
     for (int i = tid; i < count; i += kPoolBlock)
-      s.out[first + i] = pooled_value(static_cast<long long>(shared.sums[i]),
+      out[first + i] = pooled_value(static_cast<long long>(shared.sums[i]),
                                       (shared.nonfinite[i / 8] >> (4 * (i % 8))) & 0xFu, grid);
     __syncthreads();  // the next window resets the sums
   }
@@ -166,12 +175,12 @@ __device__ inline void pool_sample_device(const DeviceSample s, int score_type, 
   // From here on, thread tid reads and writes only the classes it wrote above (tid + m * kPoolBlock).
   ArgBest mine{-INFINITY, INT_MAX};
   for (int c = tid; c < num_classes; c += kPoolBlock)
-    if (argmax_before(s.out[c], c, mine.value, mine.index)) mine = ArgBest{s.out[c], c};
+    if (argmax_before(out[c], c, mine.value, mine.index)) mine = ArgBest{out[c], c};
   const ArgBest best = block_reduce(mine, shared.best, [](ArgBest a, ArgBest b) {
     return argmax_before(b.value, b.index, a.value, a.index) ? b : a;
   });
   if (is_argmax(mode)) {
-    for (int c = tid; c < num_classes; c += kPoolBlock) s.out[c] = c == best.index ? 1.0f : 0.0f;
+    for (int c = tid; c < num_classes; c += kPoolBlock) out[c] = c == best.index ? 1.0f : 0.0f;
     return;
   }
 
@@ -181,8 +190,8 @@ __device__ inline void pool_sample_device(const DeviceSample s, int score_type, 
   unsigned long long sum = 0;
   unsigned any_nan = 0;
   for (int c = tid; c < num_classes; c += kPoolBlock) {
-    const float term = softmax_term(s.out[c], best.value);
-    s.out[c] = term;
+    const float term = softmax_term(out[c], best.value);
+    out[c] = term;
     if (term != term)
       any_nan = 1;
     else
@@ -191,32 +200,38 @@ __device__ inline void pool_sample_device(const DeviceSample s, int score_type, 
   sum = block_reduce(sum, shared.total, [](unsigned long long a, unsigned long long b) { return a + b; });
   any_nan = block_reduce(any_nan, shared.word, [](unsigned a, unsigned b) { return a | b; });
   const float inv_sum = any_nan ? pooled_nan() : softmax_inverse(static_cast<long long>(sum), unit);
-  for (int c = tid; c < num_classes; c += kPoolBlock) s.out[c] = any_nan ? pooled_nan() : mul_rn(s.out[c], inv_sum);
+  for (int c = tid; c < num_classes; c += kPoolBlock) out[c] = any_nan ? pooled_nan() : mul_rn(out[c], inv_sum);
 }
 
-// A contiguous batch as the C ABI passes it (label_pool_capi.h): sample i is block i.
+// A contiguous batch as the C ABI passes it (label_pool_capi.h): token t of sample i is block
+// i * output_size^2 + t.
 struct BatchArgs {
   const char *scores;
   const uint16_t *class_ids;
   const float *boxes, *scale, *offset;
+  const uint8_t *mirror;  // [n] or null (no flips)
   float *out;
-  int score_bytes, k, h, w;
+  int score_bytes, k, h, w, output_size;
 };
 
-__device__ inline void pool_batch_sample(const BatchArgs &args, long long i, int score_type, int num_classes,
+__device__ inline void pool_batch_sample(const BatchArgs &args, long long block, int score_type, int num_classes,
                                          int mode) {
+  const int tokens = args.output_size * args.output_size;
+  const long long i = block / tokens;
+  const int token = static_cast<int>(block % tokens);
   const size_t entries = static_cast<size_t>(args.k) * args.h * args.w;
   DeviceSample s;
   s.scores = args.scores + i * entries * args.score_bytes;
   s.class_ids = args.class_ids + i * entries;
-  s.out = args.out + i * num_classes;
+  s.out = args.out + i * tokens * num_classes;
   for (int j = 0; j < 4; ++j) s.box[j] = args.boxes[4 * i + j];
   s.scale = args.scale ? args.scale[i] : 1.0f;
   s.offset = args.offset ? args.offset[i] : 0.0f;
   s.k = args.k;
   s.h = args.h;
   s.w = args.w;
-  pool_sample_device(s, score_type, num_classes, mode);
+  s.mirror = args.mirror ? args.mirror[i] : 0;
+  pool_sample_device(s, score_type, num_classes, mode, args.output_size, token);
 }
 
 // ---- launch checks (host), shared by both launch sites (label_pool.cu, label_pool_capi.cu) and the
@@ -236,10 +251,21 @@ inline int score_bytes(int score_type) {
 }
 
 // The C ABI's checks before a launch: RELABEL_OK, or a RELABEL_* code with the reason in err.
-inline int check_batch_launch(long long n, int k, int h, int w, int num_classes, char *err, int err_len) {
+inline int check_batch_launch(long long n, int k, int h, int w, int num_classes, int mode, int output_size,
+                              char *err, int err_len) {
   if (n < 0 || n > 0x7FFFFFFF || k < 1 || h < 1 || w < 1 || num_classes < 1) {
     snprintf(err, err_len, "bad batch shape [n, k, h, w] = [%lld, %d, %d, %d] or num_classes %d", n, k, h, w,
              num_classes);
+    return RELABEL_BAD_ARGUMENT;
+  }
+  if (const char *problem = output_size_problem(mode, output_size)) {
+    snprintf(err, err_len, "output_size %d %s", output_size, problem);
+    return RELABEL_BAD_ARGUMENT;
+  }
+  // One block per token: the grid's x dimension holds at most 2^31 - 1 blocks.
+  if (n * output_size * output_size > 0x7FFFFFFF) {
+    snprintf(err, err_len, "%lld samples x %d tokens exceed one launch's 2^31 - 1 blocks", n,
+             output_size * output_size);
     return RELABEL_BAD_ARGUMENT;
   }
   if (static_cast<long long>(h) + w > kPoolMaxAxes) {

@@ -220,33 +220,38 @@ RL_HD inline float load_score(const void *scores, int score_type, size_t i, floa
   }
 }
 
-// One axis of roi_align's sampling grid for a 1x1 output over [lo, hi) (normalized to the map).
+// One axis of roi_align's sampling grid for an output of `bins` cells over [lo, hi) (normalized to the
+// map): bin b covers [start + b * bin, start + (b + 1) * bin) and samples it at `grid` points.
 struct AxisGrid {
   float start;  // roi start in map cells, after the -0.5 half-cell shift
-  float bin;    // roi size, at least one cell (aligned=False clamps malformed rois)
-  int grid;     // number of sample points: ceil(roi size)
+  float bin;    // bin size: the roi size (at least one cell: aligned=False clamps malformed rois) / bins
+  int grid;     // sample points per bin: ceil(roi size / bins), torchvision's roi_bin_grid
   int size;     // map size along this axis
 };
 
-RL_HD inline AxisGrid make_axis_grid(float lo_norm, float hi_norm, int size) {
+// bins = 1 is the 1x1 pooling: roi / 1.0f and start + 0.0f * bin are exact, so its sample points are
+// the same bits as before output sizes existed (and as torchvision's).
+RL_HD inline AxisGrid make_axis_grid(float lo_norm, float hi_norm, int size, int bins) {
   AxisGrid g;
   const float n = static_cast<float>(size);
   g.start = mul_rn(lo_norm, n) - 0.5f;
   const float end = mul_rn(hi_norm, n) - 0.5f;
   float roi = end - g.start;
   if (!(roi >= 1.0f)) roi = 1.0f;
-  g.bin = roi;
-  g.grid = static_cast<int>(ceilf(roi));
+  g.bin = roi / static_cast<float>(bins);
+  g.grid = static_cast<int>(ceilf(g.bin));
   if (g.grid < 1) g.grid = 1;
   g.size = size;
   return g;
 }
 
-// Sample point i of the axis as (low cell, high cell, their weights); false when the point lies
-// outside [-1, size], where roi_align drops the whole sample (it still counts in the average).
-RL_HD inline bool axis_sample(const AxisGrid &g, int i, int &low, int &high, float &w_low, float &w_high) {
+// Sample point i of bin b as (low cell, high cell, their weights); false when the point lies outside
+// [-1, size], where roi_align drops the whole sample (it still counts in the average). The position is
+// torchvision's: (start + b * bin) + (i + 0.5) * bin / grid, each operation rounded on its own.
+RL_HD inline bool axis_sample(const AxisGrid &g, int b, int i, int &low, int &high, float &w_low, float &w_high) {
+  const float origin = add_rn(g.start, mul_rn(static_cast<float>(b), g.bin));
   const float step = mul_rn(static_cast<float>(i) + 0.5f, g.bin) / static_cast<float>(g.grid);
-  float p = add_rn(g.start, step);
+  float p = add_rn(origin, step);
   if (!(p >= -1.0f && p <= static_cast<float>(g.size))) return false;
   if (p <= 0.0f) p = 0.0f;
   low = static_cast<int>(p);
@@ -261,32 +266,50 @@ RL_HD inline bool axis_sample(const AxisGrid &g, int i, int &low, int &high, flo
   return true;
 }
 
-// Weight of one cell index along the axis, already divided by the number of sample points.
+// Weight of one cell index in bin b, already divided by the number of sample points.
 // Summing in sample order makes this equal, bit for bit, to a scatter over the samples.
-RL_HD inline float axis_weight(const AxisGrid &g, int index) {
+RL_HD inline float axis_weight(const AxisGrid &g, int b, int index) {
   float sum = 0.0f;
   for (int i = 0; i < g.grid; ++i) {
     int low, high;
     float w_low, w_high;
-    if (!axis_sample(g, i, low, high, w_low, w_high)) continue;
+    if (!axis_sample(g, b, i, low, high, w_low, w_high)) continue;
     if (low == index) sum = add_rn(sum, w_low);
     if (high == index) sum = add_rn(sum, w_high);
   }
   return sum / static_cast<float>(g.grid);
 }
 
-// All cell weights of the axis in one pass over the samples: O(grid) instead of axis_weight's
+// All cell weights of bin b in one pass over its samples: O(grid) instead of axis_weight's
 // O(size * grid). Each cell receives its contributions in the same order, so the values match.
-inline void axis_weights(const AxisGrid &g, float *weights) {
+inline void axis_weights(const AxisGrid &g, int b, float *weights) {
   for (int i = 0; i < g.size; ++i) weights[i] = 0.0f;
   for (int i = 0; i < g.grid; ++i) {
     int low, high;
     float w_low, w_high;
-    if (!axis_sample(g, i, low, high, w_low, w_high)) continue;
+    if (!axis_sample(g, b, i, low, high, w_low, w_high)) continue;
     weights[low] += w_low;
     weights[high] += w_high;
   }
   for (int i = 0; i < g.size; ++i) weights[i] /= static_cast<float>(g.grid);
+}
+
+// Token t of an S x S output (row-major over the crop as the student sees it, after the flip) reads
+// bin (t / S, t % S) of the box, or bin (t / S, S - 1 - t % S) when the crop is mirrored: the flip
+// comes after the crop, and the box is in the unflipped image.
+RL_HD inline int token_row_bin(int token, int output_size) { return token / output_size; }
+RL_HD inline int token_col_bin(int token, int output_size, bool mirror) {
+  const int col = token % output_size;
+  return mirror ? output_size - 1 - col : col;
+}
+
+// Why an output size cannot be used with a mode, or nullptr. The token grid has at most 4096 tokens
+// a side (2^24 tokens), which keeps every token index and bin position exact in float and int.
+inline const char *output_size_problem(int mode, int output_size) {
+  if (output_size < 1 || output_size > 4096) return "is outside 1..4096";
+  if (output_size > 1 && is_global(mode))
+    return "needs a box mode (softmax or argmax): the global modes pool the whole map into one target";
+  return nullptr;
 }
 
 // Why a box cannot be pooled, or nullptr. Boxes are (x0, y0, x1, y1) with 0 <= x0 < x1 <= 1.
@@ -363,22 +386,25 @@ inline long long first_bad_class_id(const uint16_t *ids, size_t count, int num_c
   return -1;
 }
 
-// Pools one sample into out[num_classes]; the box must be valid (box_problem). The same arithmetic as
-// the GPU kernel (label_pool_kernel.cuh), so both give the same bits: per-class sums exact on a
-// fixed-point grid, the argmax order of argmax_before, the softmax of softmax_term/softmax_inverse.
-// Softmax and argmax run over the touched classes plus one shared value for the absent ones (pooled
-// score 0), so the cost follows k*h*w rather than num_classes.
-inline void pool_sample_host(const SampleView &s, int num_classes, int mode, float *out, HostScratch &scratch) {
+// Pools bin (row_bin, col_bin) of an output_size x output_size RoIAlign grid over the box into
+// out[num_classes]; the box must be valid (box_problem). pool_sample_host is its 1x1 case; the global
+// modes take the whole map and have no grid (output_size 1 only: the entry points refuse more).
+// The same arithmetic as the GPU kernel (label_pool_kernel.cuh), so both give the same bits: per-class
+// sums exact on a fixed-point grid, the argmax order of argmax_before, the softmax of
+// softmax_term/softmax_inverse. Softmax and argmax run over the touched classes plus one shared value
+// for the absent ones (pooled score 0), so the cost follows k*h*w rather than num_classes.
+inline void pool_token_host(const SampleView &s, int num_classes, int mode, int output_size, int row_bin,
+                            int col_bin, float *out, HostScratch &scratch) {
   const int h = s.h, w = s.w;
   if (is_global(mode)) {
     // The plain mean over the whole map, as the dense reference's mean over H and W.
     for (int y = 0; y < h; ++y) scratch.row_w[y] = 1.0f / static_cast<float>(h);
     for (int x = 0; x < w; ++x) scratch.col_w[x] = 1.0f / static_cast<float>(w);
   } else {
-    const AxisGrid gy = make_axis_grid(s.box[1], s.box[3], h);
-    const AxisGrid gx = make_axis_grid(s.box[0], s.box[2], w);
-    axis_weights(gy, scratch.row_w);
-    axis_weights(gx, scratch.col_w);
+    const AxisGrid gy = make_axis_grid(s.box[1], s.box[3], h, output_size);
+    const AxisGrid gx = make_axis_grid(s.box[0], s.box[2], w, output_size);
+    axis_weights(gy, row_bin, scratch.row_w);
+    axis_weights(gx, col_bin, scratch.col_w);
   }
 
   // Pass 1, over the entries of the weighted cells in cell order (y, x, then j): their classes and
@@ -468,6 +494,19 @@ inline void pool_sample_host(const SampleView &s, int num_classes, int mode, flo
     out[scratch.touched[t]] = any_nan ? pooled_nan() : mul_rn(scratch.values[t], inv_sum);
     scratch.seen[scratch.touched[t]] = 0;
   }
+}
+
+inline void pool_sample_host(const SampleView &s, int num_classes, int mode, float *out, HostScratch &scratch) {
+  pool_token_host(s, num_classes, mode, 1, 0, 0, out, scratch);
+}
+
+// All output_size^2 tokens of one sample into out[output_size^2, num_classes], in token order.
+inline void pool_tokens_host(const SampleView &s, int num_classes, int mode, int output_size, bool mirror,
+                             float *out, HostScratch &scratch) {
+  const int tokens = output_size * output_size;
+  for (int t = 0; t < tokens; ++t)
+    pool_token_host(s, num_classes, mode, output_size, token_row_bin(t, output_size),
+                    token_col_bin(t, output_size, mirror), out + static_cast<size_t>(t) * num_classes, scratch);
 }
 
 }  // namespace relabel_dali

@@ -13,21 +13,23 @@
 // skips the entry's own launch checks, to show what the (emulated) launch does without them.
 extern "C" int relabel_pool_emulated(const void *scores, int score_type, const uint16_t *class_ids,
                                      const float *boxes, const float *scale, const float *offset, int64_t n, int k,
-                                     int h, int w, int num_classes, int mode, uint64_t seed, int check_launch,
-                                     float *out, char *err, int err_len) {
-  if (n == 0) return RELABEL_OK;
+                                     int h, int w, int num_classes, int mode, int output_size,
+                                     const uint8_t *mirror, uint64_t seed, int check_launch, float *out, char *err,
+                                     int err_len) {
   if (check_launch) {
-    const int code = relabel_dali::check_batch_launch(n, k, h, w, num_classes, err, err_len);
+    const int code = relabel_dali::check_batch_launch(n, k, h, w, num_classes, mode, output_size, err, err_len);
     if (code != RELABEL_OK) return code;
   }
+  if (n == 0) return RELABEL_OK;
+  const long long tokens = static_cast<long long>(output_size) * output_size;
   // Outputs start as NaN bits, as uninitialised device memory might: an element the kernel does not
   // write shows.
-  std::memset(out, 0xFF, static_cast<size_t>(n) * num_classes * sizeof(float));
+  std::memset(out, 0xFF, static_cast<size_t>(n * tokens) * num_classes * sizeof(float));
   const int score_bytes = relabel_dali::score_bytes(score_type);
-  const relabel_dali::BatchArgs args{static_cast<const char *>(scores), class_ids, boxes, scale, offset, out,
-                                     score_bytes, k, h, w};
+  const relabel_dali::BatchArgs args{static_cast<const char *>(scores), class_ids, boxes, scale, offset, mirror,
+                                     out, score_bytes, k, h, w, output_size};
   relabel_emulation::LaunchConfig config;
-  config.grid = static_cast<unsigned>(n);
+  config.grid = static_cast<unsigned>(n * tokens);
   config.block = relabel_dali::kPoolBlock;
   config.static_shared = sizeof(relabel_dali::PoolShared);
   config.dynamic_shared = relabel_dali::pool_dynamic_shared_bytes(h, w);
