@@ -14,7 +14,7 @@ from relabel_dali.data.augment import AugmentDraws, random_resized_crop_window
 from relabel_dali.data.encoded import image_size
 from relabel_dali.data.settings import TrainAugment
 from relabel_dali.data.encoded import encoded_problem
-from relabel_dali.data.listing import BadSampleError, Listing, list_images, load_class_map
+from relabel_dali.data.listing import BadSampleError, Listing, list_images, load_class_map, match_records
 from relabel_dali.data.order import epoch_permutation, rank_slots
 from relabel_dali.data.source import AUGMENT_FIELDS, SampleSource
 
@@ -81,6 +81,55 @@ class TestListing:
         stems = sum(len(p.split("/")[1]) - len(".JPEG") for p in paths)
         assert len(pickle.dumps(listing)) < stems + 12 * len(paths)
 
+    # Names that order differently as bytes than as (folder, name) pairs, or have odd suffixes.
+    TRICKY = ["a/x.JPEG", "a-b/y.JPEG", "a/b/z.png", "a/b.JPEG", "a/img.JPEG", "a/img-2.JPEG", "a/img.tar.gz",
+              "a/.hidden", "a/end.", "a/..", "é/ünï.JPEG", "z/😀.png", "a/" + "long" * 30 + ".jpg",
+              "a/" + "long" * 30 + "er.jpg", "a/" + "long" * 30, "b/sp ace.JPEG", "b/x.jpeg", "b/X.JPEG"]
+
+    @staticmethod
+    def reference(paths):
+        """The listing of ``paths`` worked out string by string, as the first version did."""
+        rows, dirs, suffixes = [], {}, {}
+        for path in sorted(paths):
+            folder, _, name = path.rpartition("/")
+            dot = name.rfind(".")
+            suffix = name[dot:] if 0 < dot < len(name) - 1 else ""
+            rows.append((dirs.setdefault(folder, len(dirs)), suffixes.setdefault(suffix, len(suffixes)),
+                         f"{folder}/{name[:len(name) - len(suffix)]}"))
+        return rows, tuple(dirs), tuple(suffixes)
+
+    @pytest.mark.parametrize("seed", range(6))
+    def test_order_and_keys_are_the_per_string_reference(self, tmp_path, seed):
+        rng = np.random.default_rng(seed)
+        alphabet = list("ab-._/0zé😀") + ["A", "."]
+        paths = set(self.TRICKY)
+        for _ in range(300):
+            folder = "".join(rng.choice(alphabet[:3], rng.integers(1, 4)))
+            name = "".join(rng.choice(alphabet, rng.integers(1, 70))).replace("/", "_")
+            paths.add(f"{folder}/{name}")
+        paths = list(paths)
+        rng.shuffle(paths)
+        listing = Listing.from_paths(tmp_path, paths)
+        rows, dirs, suffixes = self.reference(paths)
+        assert listing.paths == sorted(paths) and (listing.dirs, listing.suffixes) == (dirs, suffixes)
+        assert listing.keys == [key for _, _, key in rows]
+        assert listing.dir_ids.tolist() == [d for d, _, _ in rows]
+        assert listing.suffix_ids.tolist() == [s for _, s, _ in rows]
+
+    def test_file_list_lines_are_stripped_as_python_does(self, tmp_path):
+        image_root, _, _ = make_dataset(tmp_path, classes=2, per_class=3, labels=False)
+        plain = "c1/img2.JPEG\nc0/img1.JPEG\n\nc0/img0.JPEG"  # no newline after the last line
+        messy = "  c1/img2.JPEG\r\n\tc0/img1.JPEG \r\n\x0b\n\u2028c0/img0.JPEG\u00a0"
+        for number, text in enumerate((plain, messy, messy.replace("img2", "ïmg2"))):
+            (tmp_path / f"list{number}.txt").write_text(text, encoding="utf-8")
+        expected = ["c0/img0.JPEG", "c0/img1.JPEG", "c1/img2.JPEG"]
+        assert list_images(image_root, file_list=tmp_path / "list0.txt").paths == expected
+        assert list_images(image_root, file_list=tmp_path / "list1.txt").paths == expected
+        assert list_images(image_root, file_list=tmp_path / "list2.txt").paths[2] == "c1/ïmg2.JPEG"
+        (tmp_path / "bad.txt").write_bytes(b"c0/img0.JPEG\nc0/\xff.JPEG\n")
+        with pytest.raises(ValueError, match="bad.txt: not UTF-8 text"):
+            list_images(image_root, file_list=tmp_path / "bad.txt")
+
     def test_file_entry_outside_a_class_folder(self, tmp_path):
         with pytest.raises(ValueError, match="'loose.JPEG' is not inside a class folder"):
             Listing.from_paths(tmp_path, ["loose.JPEG"])
@@ -90,6 +139,51 @@ class TestListing:
             list_images(tmp_path / "nope")
         with pytest.raises(ValueError, match="no images found"):
             list_images(tmp_path)
+
+
+class KeysOnly:
+    """What record matching reads of a LabelShardReader: its keys, in record order."""
+
+    def __init__(self, keys, path="labels"):
+        self.keys, self.path = list(keys), path
+
+    def keys_buffer(self, pad=0):
+        return np.frombuffer("".join(key + "\n" for key in self.keys).encode() + bytes(pad), np.uint8).copy()
+
+    def __len__(self):
+        return len(self.keys)
+
+
+class TestMatchRecords:
+    @pytest.mark.parametrize("seed", range(8))
+    def test_record_numbers_are_a_dict_lookup(self, tmp_path, seed):
+        rng = np.random.default_rng(seed)
+        stems = {f"c{rng.integers(3)}/{rng.integers(10 ** rng.integers(1, 12))}" for _ in range(400)}
+        paths = [f"{stem}.{rng.choice(['JPEG', 'png'])}" for stem in stems]
+        listing = Listing.from_paths(tmp_path, paths)
+        keys = listing.keys
+        records = [key for key in keys if rng.random() < 0.9] + [f"x/{i}" for i in range(rng.integers(4))]
+        if seed % 2:
+            rng.shuffle(records)  # seeds 0, 2, ...: the records in the images' order (pack_labels' order)
+        lookup = {key: i for i, key in enumerate(records)}
+        matched, report = match_records(listing, KeysOnly(records), "skip")
+        kept = [key for key in keys if key in lookup]
+        assert matched.keys == kept and matched.record_numbers.tolist() == [lookup[key] for key in kept]
+        assert report.dropped == [listing.path(i) for i, key in enumerate(keys) if key not in lookup]
+        assert report.unused_records == sorted(set(records) - set(keys))
+        assert (report.dropped_count, report.unused_count) == (len(report.dropped), len(report.unused_records))
+
+    def test_same_records_in_order(self, tmp_path):
+        listing = Listing.from_paths(tmp_path, [f"c/{i:04d}.JPEG" for i in range(50)])
+        matched, report = match_records(listing, KeysOnly(listing.keys))
+        assert matched.record_numbers.tolist() == list(range(50)) and report.unused_count == 0
+
+    def test_keys_twice(self, tmp_path):
+        listing = Listing.from_paths(tmp_path, ["c/a.JPEG", "c/b.JPEG", "c/b.png"])
+        with pytest.raises(BadSampleError, match="2 key\\(s\\) appear twice in the key files"):
+            match_records(listing, KeysOnly(["c/a", "c/a", "c/b", "c/b"]))
+        with pytest.raises(BadSampleError, match="two images share a key"):
+            match_records(listing, KeysOnly(["c/a", "c/b"]))
 
 
 class TestEpochLayout:

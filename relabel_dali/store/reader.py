@@ -58,6 +58,12 @@ def read_index(root: Path) -> dict:
 def read_keys(path: Path, expected_crc32: int | None = None, records: int | None = None) -> list[str]:
     """The keys of one shard; with ``expected_crc32`` (from the index) a keys file changed after
     packing is refused, since its lines decide which image gets which record."""
+    text = read_keys_bytes(path, expected_crc32, records).decode("utf-8")
+    return text.split("\n")[:-1] if text else []
+
+
+def read_keys_bytes(path: Path, expected_crc32: int | None = None, records: int | None = None) -> bytes:
+    """A keys file's bytes, checked as ``read_keys`` checks them."""
     data = path.read_bytes()
     if expected_crc32 is not None:
         computed = fmt.checksum(data)
@@ -68,8 +74,7 @@ def read_keys(path: Path, expected_crc32: int | None = None, records: int | None
                                    f"{expected_crc32:#010x}{counts}: it was changed after packing (reordered, "
                                    f"edited or damaged lines would give images another image's labels); "
                                    f"pack the labels again")
-    text = data.decode("utf-8")
-    return text.split("\n")[:-1] if text else []
+    return data
 
 
 class LabelShardReader:
@@ -141,6 +146,32 @@ class LabelShardReader:
                                       f"files hold {len(keys)} keys")
             self._keys = keys
         return self._keys
+
+    def keys_buffer(self, pad: int = 0) -> np.ndarray | None:
+        """The keys files end to end (each key followed by ``\\n``) in one uint8 array, then
+        ``pad`` zero bytes; in record order, each file checked as ``keys`` checks it. None for a
+        lone shard without a keys file. For matching millions of keys without a Python string
+        per key (``data/listing.py``)."""
+        if self._keys_paths is None:
+            return None
+        sizes = [path.stat().st_size for path in self._keys_paths]
+        buffer = np.zeros(sum(sizes) + pad, np.uint8)
+        at = 0
+        for path, size, crc, count in zip(self._keys_paths, sizes, self._keys_crcs, self.counts):
+            data = read_keys_bytes(path, crc if self.check_keys else None, count)
+            if len(data) != size:
+                raise fmt.FormatError(f"{path}: changed while being read")
+            buffer[at:at + size] = np.frombuffer(data, np.uint8)
+            at += size
+        held = int(np.count_nonzero(buffer[:at] == 10))
+        if held != len(self):
+            raise fmt.FormatError(f"{self.path}: the shards hold {len(self)} records but the key "
+                                  f"files hold {held} keys")
+        return buffer
+
+    @property
+    def keys_files(self) -> list[Path] | None:
+        return None if self._keys_paths is None else list(self._keys_paths)
 
     @property
     def k(self) -> int:
