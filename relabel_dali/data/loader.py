@@ -17,7 +17,8 @@ import torch
 from relabel_dali.config import ConfigError
 from relabel_dali.store.reader import LabelShardReader, ShardCorruptError
 from relabel_dali.data.settings import Dataset, Labels, Runtime, TrainAugment, ValTransform
-from relabel_dali.data.listing import list_images, match_records, preflight_decodes
+from relabel_dali.data.listing import preflight_decodes
+from relabel_dali.data.listing_cache import dataset_listing
 from relabel_dali.data.source import SampleSource
 from relabel_dali.data.transfer import host_to_device
 
@@ -144,11 +145,8 @@ def build_train_loader(dataset: Dataset | str | os.PathLike, *, batch_size: int,
     from pipelines.training import TRAIN_OUTPUTS, training_pipeline
 
     dataset = _dataset(dataset)
-    listing = list_images(dataset.image_root, file_list=dataset.file_list, class_map=dataset.class_map)
-    label_root = None
-    if labels is not None:
-        listing, _ = match_records(listing, open_labels(labels, dataset.num_classes), dataset.on_bad_sample)
-        label_root = labels.path
+    listing = dataset_listing(dataset, None if labels is None else open_labels(labels, dataset.num_classes))
+    label_root = None if labels is None else labels.path
     _check_label_range(listing, dataset)
     listing = preflight_decodes(listing, dataset.preflight_decodes, seed, dataset.on_bad_sample)
     source = SampleSource(listing, label_root, batch_size=batch_size, rank=rank, world_size=world_size,
@@ -169,7 +167,7 @@ def build_val_loader(dataset: Dataset | str | os.PathLike, *, batch_size: int,
     from pipelines.validation import VAL_OUTPUTS, validation_pipeline
 
     dataset = _dataset(dataset)
-    listing = list_images(dataset.image_root, file_list=dataset.file_list, class_map=dataset.class_map)
+    listing = dataset_listing(dataset)
     _check_label_range(listing, dataset)
     source = SampleSource(listing, batch_size=batch_size, rank=rank, world_size=world_size, shuffle=False,
                           remainder="mask", on_bad_sample=dataset.on_bad_sample)

@@ -48,9 +48,13 @@ class Dataset:
     num_classes: int = 1000
     on_bad_sample: str = "fail"  # fail: stop naming the file; skip: substitute the next good sample
     preflight_decodes: int = 64  # images strictly decoded before training (0: none); check_dataset checks all
+    listing_cache: str = "auto"  # where built listings are kept for the node (data/listing_cache.py); off: nowhere
 
     def __post_init__(self):
         object.__setattr__(self, "image_root", Path(self.image_root))
+        if not isinstance(self.listing_cache, (str, Path)) or not str(self.listing_cache):
+            raise ValueError(f"listing_cache must be auto, off or a folder, got {self.listing_cache!r}")
+        object.__setattr__(self, "listing_cache", str(self.listing_cache))
         if self.file_list is not None:
             object.__setattr__(self, "file_list", Path(self.file_list))
         _positive("num_classes", self.num_classes)
@@ -160,7 +164,8 @@ class DataSettings:
                 raise ConfigError(f"data.{key}: {error}") from None
 
         root = Path(data.data_path)
-        common = dict(class_map=data.class_map, num_classes=data.num_classes, on_bad_sample=data.on_bad_sample)
+        common = dict(class_map=data.class_map, num_classes=data.num_classes, on_bad_sample=data.on_bad_sample,
+                      listing_cache=data.listing_cache)
         train = build("train_folder", lambda: Dataset(root / data.train_folder, file_list=data.file_list,
                                                       preflight_decodes=data.preflight_decodes, **common))
         val = build("val_folder", lambda: Dataset(root / data.val_folder, file_list=data.val_file_list,
