@@ -94,8 +94,14 @@ ablation: demo-labels
 		--title "Label types on the demo data" -- \
 		--data.data_path $(DEMO_DIR)/data --data.relabel.path $(DEMO_LABELS) $(DEMO_TRAIN_ARGS) $(ABLATION_ARGS)
 
+# Two pytest workers (pytest-xdist): most tests wait on the child processes they start, so two
+# cores finish the suite in about half the time; each test file stays on one worker, so its module
+# fixtures are built once. The GPU tests run afterwards in a process of their own, after every CPU
+# test: CUDA initialised in a process stops DALI from forking workers there.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not gpu"
+	$(BIN)/python -m pytest -m gpu
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench_labels.py --json bench_out/bench_labels.json --plot bench_out/bench_labels.png
