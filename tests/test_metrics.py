@@ -45,13 +45,39 @@ class TestRealLabels:
         # Predictions per sample in loader (KEYS) order: val_0003 -> 0 (ok), val_0001 -> 2 (ok),
         # val_0004 -> 0 (wrong: {3, 4}), val_0002 -> 7 (excluded: empty), val_0005 -> 4 (ok).
         logits = torch.nn.functional.one_hot(torch.tensor([0, 2, 0, 7, 4]), 8).float()
-        assert real.correct(logits, torch.arange(5)).tolist() == [3, 4]
+        assert real.correct(logits, torch.arange(5)).tolist()[:2] == [3, 4]
         meter = AccuracyMeter(real=real)
         meter.update(logits, torch.tensor([0, 1, 0, 7, 4]), torch.arange(5))
         summary = meter.summary()
         assert summary["real_top1"] == pytest.approx(75.0) and summary["real_samples"] == 4
+        # Own label on the 4 counted images: val_0003 0/0 ok, val_0001 2/1 no, val_0004 0/0 ok, val_0005 4/4 ok.
+        assert summary["real_label_top1"] == pytest.approx(75.0)
         # Single-label top-1: 4 of 5 (only sample 1, label 1 predicted 2, is wrong).
         assert summary["top1"] == pytest.approx(80.0) and summary["samples"] == 5
+
+    def test_recall_at_2_counts_each_listed_class(self):
+        # Two images, classes {1, 2} and {0, 3}; top-2 of the first {2, 1} (both found), of the second {3, 4} (one).
+        real = RealLabels([[1, 2], [0, 3]], ["a/val_0001", "a/val_0002"])
+        logits = torch.tensor([[0.0, 0.5, 0.9, 0.1, 0.0], [0.1, 0.0, 0.0, 0.9, 0.5]])
+        counts = real.correct(logits, torch.tensor([0, 1]), torch.tensor([1, 0])).tolist()
+        # top-1 2 in {1, 2} yes, 3 in {0, 3} yes; own label: 2 != 1, 3 != 0; found 2 + 1 of 4 listed.
+        assert counts == [2, 2, 0, 3, 4]
+        meter = AccuracyMeter(real=real)
+        meter.update(logits, torch.tensor([1, 0]), torch.tensor([0, 1]))
+        summary = meter.summary()
+        assert summary["real_recall2"] == pytest.approx(75.0) and summary["real_label_top1"] == 0.0
+        assert summary["real_top1"] == 100.0 and summary["top1"] == 0.0
+
+    def test_recall_with_padding_and_empty_entries(self):
+        # Entries of different lengths: the table is padded with -1, which never matches a class.
+        real = RealLabels([[0], [], [1, 2, 3]], ["a/val_1", "a/val_2", "a/val_3"])
+        logits = torch.tensor([[0.0, 0.9, 0.8, 0.0], [0.9, 0.0, 0.0, 0.8], [0.0, 0.0, 0.8, 0.9]])
+        meter = AccuracyMeter(real=real)
+        meter.update(logits, torch.tensor([0, 0, 1]), torch.arange(3), valid=torch.tensor([True, True, True]))
+        summary = meter.summary()
+        # Counted: val_1 (top-2 {1, 2}: 0 missing) and val_3 (top-2 {3, 2}: 2 of 3 found): 2 of 4 listed.
+        assert summary["real_samples"] == 2 and summary["real_recall2"] == pytest.approx(50.0)
+        assert summary["real_top1"] == pytest.approx(50.0)
 
     def test_duplicate_file_names(self):
         with pytest.raises(ValueError, match="'val_0001' occurs in two folders"):

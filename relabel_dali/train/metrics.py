@@ -2,6 +2,14 @@
 
 Meters accumulate integer counts, not averages, so a distributed sum gives the same result as
 one process seeing every sample, whatever the per-rank batch sizes.
+
+With ReaL labels (``data.real_labels``), on the images whose entry is not empty:
+
+* ``real_top1``: the top-1 class is one of the image's acceptable classes (Beyer et al., 2020);
+* ``real_label_top1``: the top-1 class is the image's own (folder) label, on the same images;
+* ``real_recall2``: of the listed classes, the share found among the two highest logits (every
+  listed class of every counted image is one trial). For the demo's two-object images it is the
+  share of objects the model names in its top two.
 """
 from __future__ import annotations
 
@@ -67,13 +75,23 @@ class RealLabels:
         # Row i of ``by_sample`` is the entry of validation sample i (loader order).
         self.by_sample = table[torch.tensor(real_positions(val_keys), dtype=torch.long)]
 
-    def correct(self, logits: torch.Tensor, sample_indices: torch.Tensor) -> torch.Tensor:
-        """int64 [2]: (top-1 in the acceptable set, images with a non-empty set)."""
+    RECALL_K = 2
+
+    def correct(self, logits: torch.Tensor, sample_indices: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """int64 [5]: top-1 in the acceptable set, images with a non-empty set, top-1 equal to
+        ``labels`` on those images (0 without labels), listed classes among the top RECALL_K,
+        listed classes."""
         rows = self.by_sample[sample_indices.cpu().long()].to(logits.device)
-        counted = rows[:, 0] >= 0
-        top1 = logits.argmax(dim=1, keepdim=True)
-        hits = (rows == top1).any(dim=1) & counted
-        return torch.stack([hits.sum(), counted.sum()]).long()
+        listed = rows >= 0
+        counted = listed[:, 0]
+        top = logits.topk(min(self.RECALL_K, logits.shape[1]), dim=1).indices
+        hits = (rows == top[:, :1]).any(dim=1) & counted
+        found = (rows.unsqueeze(2) == top.unsqueeze(1)).any(dim=2) & listed
+        own = torch.zeros((), dtype=torch.long, device=logits.device)
+        if labels is not None:
+            own = ((top[:, 0] == labels.to(logits.device)) & counted).sum()
+        return torch.stack([hits.sum(), counted.sum(), own, found.sum(), listed.sum()]).long()
 
 
 class AccuracyMeter:
@@ -81,8 +99,8 @@ class AccuracyMeter:
 
     def __init__(self, device: torch.device | str = "cpu", real: RealLabels | None = None):
         self.real = real
-        # correct@1, correct@5, samples, real correct, real counted
-        self.counts = torch.zeros(5, dtype=torch.long, device=device)
+        # correct@1, correct@5, samples, then RealLabels.correct's five counts
+        self.counts = torch.zeros(8, dtype=torch.long, device=device)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None,
                valid: torch.Tensor | None = None) -> None:
@@ -98,16 +116,18 @@ class AccuracyMeter:
         if self.real is not None:
             if indices is None:
                 raise ValueError("ReaL accuracy needs the validation sample indices of each batch")
-            self.counts[3:] += self.real.correct(logits, indices).to(self.counts.device)
+            self.counts[3:] += self.real.correct(logits, indices, labels).to(self.counts.device)
 
     def summary(self) -> dict[str, float]:
         counts = self.counts.clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        correct1, correct5, samples, real_correct, real_counted = (int(c) for c in counts)
+        correct1, correct5, samples, real_correct, real_counted, own, found, listed = (int(c) for c in counts)
         result = {"top1": 100.0 * correct1 / max(1, samples), "top5": 100.0 * correct5 / max(1, samples),
                   "samples": samples}
         if self.real is not None:
             result["real_top1"] = 100.0 * real_correct / max(1, real_counted)
             result["real_samples"] = real_counted
+            result["real_label_top1"] = 100.0 * own / max(1, real_counted)
+            result["real_recall2"] = 100.0 * found / max(1, listed)
         return result
