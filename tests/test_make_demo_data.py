@@ -14,7 +14,7 @@ from tools import make_demo_data
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "data"
-    assert make_demo_data.main([str(out), "--train-per-class", "3", "--val-per-class", "1", "--seed", "7"]) == 0
+    assert make_demo_data.main([str(out), "--train-per-class", "3", "--val-per-class", "3", "--seed", "7"]) == 0
     return out
 
 
@@ -24,11 +24,44 @@ class TestDemoData:
         assert len(classes) == 19
         for entry in classes:
             assert len(list((demo / "train" / entry["wnid"]).glob("*.JPEG"))) == 3
-            assert len(list((demo / "val" / entry["wnid"]).glob("*.JPEG"))) == 1
+            assert len(list((demo / "val" / entry["wnid"]).glob("*.JPEG"))) == 3
             assert len(list((demo / "relabel_pt" / entry["wnid"]).glob("*.pt"))) == 3
         objects = json.loads((demo / "objects.json").read_text())
         assert len(objects) == 57
         assert sum(len(v["objects"]) == 2 for v in objects.values()) == 19  # i % 3 == 2: one per class
+        val_objects = json.loads((demo / "val_objects.json").read_text())
+        assert len(val_objects) == 19 * 3
+        assert sum(len(v["objects"]) == 2 for v in val_objects.values()) == 19  # val_0002 of each class
+        manifest = json.loads((demo / "manifest.json").read_text())
+        assert manifest["counts"] == {"classes": 19, "train": 57, "val": 57, "val_composites": 19}
+
+    def test_val_composites_hold_their_folder_class_and_another(self, demo):
+        val_objects = json.loads((demo / "val_objects.json").read_text())
+        wnids = {entry["index"]: entry["wnid"] for entry in json.loads((demo / "classes.json").read_text())}
+        for key, entry in val_objects.items():
+            classes = [o["class"] for o in entry["objects"]]
+            assert wnids[entry["label"]] == key.split("/")[0] and entry["label"] in classes
+            assert len(set(classes)) == len(classes) == (2 if key.endswith("2") else 1), key
+            with Image.open(demo / "val" / f"{key}.JPEG") as image:
+                assert list(image.size) == entry["size"]
+
+    def test_real_labels_list_the_composites_in_file_name_order(self, demo):
+        val_objects = json.loads((demo / "val_objects.json").read_text())
+        classes = json.loads((demo / "classes.json").read_text())
+        folder_index = {entry["index"]: i for i, entry in enumerate(sorted(classes, key=lambda e: e["wnid"]))}
+        real = json.loads((demo / "real_labels.json").read_text())
+        real_imagenet = json.loads((demo / "real_labels_imagenet.json").read_text())
+        # train.py matches entries to images by sorted file name (relabel_dali.train.metrics.real_positions).
+        names = sorted(path.stem for path in (demo / "val").rglob("*.JPEG"))
+        assert len(real) == len(real_imagenet) == len(names)
+        by_name = {key.split("/")[1]: entry for key, entry in val_objects.items()}
+        for name, entry, entry_imagenet in zip(names, real, real_imagenet):
+            objects = [o["class"] for o in by_name[name]["objects"]]
+            if len(objects) == 1:
+                assert entry == entry_imagenet == []
+            else:
+                assert entry_imagenet == sorted(objects)
+                assert entry == sorted(folder_index[c] for c in objects)
 
     def test_images_are_jpeg_of_recorded_size(self, demo):
         objects = json.loads((demo / "objects.json").read_text())
@@ -55,13 +88,13 @@ class TestDemoData:
 
     def test_deterministic(self, demo, tmp_path):
         again = tmp_path / "again"
-        assert make_demo_data.main([str(again), "--train-per-class", "3", "--val-per-class", "1", "--seed", "7"]) == 0
+        assert make_demo_data.main([str(again), "--train-per-class", "3", "--val-per-class", "3", "--seed", "7"]) == 0
         for path in sorted(demo.rglob("*")):
             if path.is_file():
                 assert path.read_bytes() == (again / path.relative_to(demo)).read_bytes(), path
 
     def test_complete_folder_is_kept(self, demo, capsys):
         before = (demo / "manifest.json").stat().st_mtime_ns
-        assert make_demo_data.main([str(demo), "--train-per-class", "3", "--val-per-class", "1", "--seed", "7"]) == 0
+        assert make_demo_data.main([str(demo), "--train-per-class", "3", "--val-per-class", "3", "--seed", "7"]) == 0
         assert "already complete" in capsys.readouterr().out
         assert (demo / "manifest.json").stat().st_mtime_ns == before

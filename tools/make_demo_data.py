@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Build the small offline demo dataset: ImageFolder train/val JPEGs from real photos, plus label maps.
 
-    python tools/make_demo_data.py OUT [--seed 0] [--train-per-class 55] [--val-per-class 10]
+    python tools/make_demo_data.py OUT [--seed 0] [--train-per-class 55] [--val-per-class 50]
 
 Source photos are the 20 ImageNet photos that ship in the ``foolbox`` wheel's data folder (19
 classes; they are read where pip installed them and never copied into the repository). Every
 output image is a deterministic variant of them: scaled, cropped, flipped, placed on a plain
-background, or composed with a photo of another class in one frame (labelled with the first
-class, the case ReLabel exists for).
+background, or composed with a photo of another class in one frame (filed under its folder's
+class, the case ReLabel exists for). Every third image of a class, in training and validation
+alike, is such a two-object composite.
 
 Written under OUT (the whole folder appears at once, by rename, when complete):
 
@@ -16,6 +17,12 @@ Written under OUT (the whole folder appears at once, by rename, when complete):
   layout: last axis vertical) that are spatially honest: each object's class scores highest on the
   cells its box covers, a few fixed distractor classes fill the rest;
 * ``objects.json``: per train key, the image label, size and the objects' classes and pixel boxes;
+  ``val_objects.json`` the same per validation key;
+* ``real_labels.json``, ``real_labels_imagenet.json``: the validation composites' classes in the
+  ReaL format that train.py's ``data.real_labels`` reads (a list in sorted file-name order, per
+  image the classes of its objects: dataset indices under ``class_map: folder``, ImageNet-1k
+  indices under ``class_map: imagenet``). Single-object images get an empty list, so the ReaL
+  figures are measured on the composites alone;
 * ``classes.json``: the classes used (ImageNet-1k index, wnid, name); ``manifest.json`` last.
 """
 from __future__ import annotations
@@ -147,33 +154,60 @@ def write_jpeg(image: Image.Image, path: Path, rng: np.random.Generator) -> None
     image.save(path, format="JPEG", quality=int(rng.integers(85, 96)))
 
 
+def real_labels(val_objects: dict[str, dict], index: dict[int, int] | None = None) -> list[list[int]]:
+    """ReaL entries in sorted file-name order: a composite's classes (ImageNet-1k ids mapped through
+    ``index``), an empty list for a single-object image (not counted by the ReaL metrics)."""
+    entries = []
+    for key in sorted(val_objects, key=lambda k: k.rsplit("/", 1)[-1]):
+        classes = [o["class"] for o in val_objects[key]["objects"]]
+        if len(classes) < 2:
+            entries.append([])
+        else:
+            entries.append(sorted(classes if index is None else [index[c] for c in classes]))
+    return entries
+
+
 def build(out: Path, seed: int, train_per_class: int, val_per_class: int) -> dict:
     photos = load_photos()
     wnids, names = imagenet.wnids(), imagenet.names()
     labels = sorted(photos)
-    objects_by_key = {}
+    objects_by_key, val_objects = {}, {}
     jobs = [("train", label, i) for label in labels for i in range(train_per_class)]
     jobs += [("val", label, i) for label in labels for i in range(val_per_class)]
     for split, label, i in tqdm(jobs, desc="demo images", unit="img", disable=None):
         rng = np.random.default_rng([seed, 0 if split == "train" else 1, label, i])
         wnid = wnids[label]
-        # A third of the training images hold two objects; validation images hold one.
-        image, objects = compose(label, photos, rng, composite=(split == "train" and i % 3 == 2))
+        # A third of the images hold two objects, in training and validation alike.
+        image, objects = compose(label, photos, rng, composite=i % 3 == 2)
         stem = f"{wnid}_{i:04d}" if split == "train" else f"{wnid}_val_{i:04d}"
         write_jpeg(image, out / split / wnid / f"{stem}.JPEG", rng)
-        if split == "train":
-            key = f"{wnid}/{stem}"
-            scores, class_ids = label_map(objects, image.size, rng)
-            target = out / "relabel_pt" / wnid / f"{stem}.pt"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            buffer = io.BytesIO()
-            torch.save(torch.from_numpy(to_official(scores, class_ids)), buffer)
-            target.write_bytes(buffer.getvalue())
-            objects_by_key[key] = {"label": label, "size": list(image.size), "objects": objects}
+        key = f"{wnid}/{stem}"
+        entry = {"label": label, "size": list(image.size), "objects": objects}
+        if split == "val":
+            val_objects[key] = entry
+            continue
+        scores, class_ids = label_map(objects, image.size, rng)
+        target = out / "relabel_pt" / wnid / f"{stem}.pt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(torch.from_numpy(to_official(scores, class_ids)), buffer)
+        target.write_bytes(buffer.getvalue())
+        objects_by_key[key] = entry
     classes = [{"index": label, "wnid": wnids[label], "name": names[label]} for label in labels]
-    (out / "objects.json").write_text(json.dumps(objects_by_key, indent=1) + "\n")
-    (out / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
-    return {"classes": len(labels), "train": len(labels) * train_per_class, "val": len(labels) * val_per_class}
+    # class_map: folder numbers the classes by sorted folder (wnid) name.
+    folder_index = {label: position for position, label in enumerate(sorted(labels, key=wnids.__getitem__))}
+    write_json(out / "objects.json", objects_by_key)
+    write_json(out / "val_objects.json", val_objects)
+    write_json(out / "real_labels.json", real_labels(val_objects, folder_index))
+    write_json(out / "real_labels_imagenet.json", real_labels(val_objects))
+    write_json(out / "classes.json", classes)
+    composites = sum(len(entry["objects"]) > 1 for entry in val_objects.values())
+    return {"classes": len(labels), "train": len(labels) * train_per_class, "val": len(labels) * val_per_class,
+            "val_composites": composites}
+
+
+def write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=1) + "\n")
 
 
 def main(argv=None) -> int:
@@ -181,11 +215,11 @@ def main(argv=None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-per-class", type=int, default=55)
-    parser.add_argument("--val-per-class", type=int, default=10)
+    parser.add_argument("--val-per-class", type=int, default=50)
     parser.add_argument("--force", action="store_true", help="rebuild even if OUT is complete")
     args = parser.parse_args(argv)
     settings = {"seed": args.seed, "train_per_class": args.train_per_class, "val_per_class": args.val_per_class,
-                "map_size": MAP_SIZE, "topk": TOPK, "version": 1}
+                "map_size": MAP_SIZE, "topk": TOPK, "version": 2}
     manifest = args.out / "manifest.json"
     if manifest.exists() and not args.force:
         previous = json.loads(manifest.read_text())
@@ -203,9 +237,9 @@ def main(argv=None) -> int:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    print(f"demo data in {args.out}: {counts['classes']} classes, {counts['train']} train images "
-          f"(a third of them two-object composites), {counts['val']} val images, official-format label maps "
-          f"in {args.out / 'relabel_pt'}")
+    print(f"demo data in {args.out}: {counts['classes']} classes, {counts['train']} train images and "
+          f"{counts['val']} val images (a third of each two-object composites; {counts['val_composites']} in val, "
+          f"their classes in real_labels.json), official-format label maps in {args.out / 'relabel_pt'}")
     return 0
 
 
