@@ -58,40 +58,65 @@ DEMO_ANNOTATE_SIZE ?= 320
 # folder: the annotator chooses among the demo's own 19 classes (what a dataset of your own needs);
 # imagenet: among all 1000 ImageNet classes, and the student predicts all 1000.
 DEMO_CLASSES ?= folder
+# The validation composites' classes (ReaL format), in the label space the student predicts.
 ifeq ($(DEMO_CLASSES),imagenet)
 DEMO_LABELS ?= $(DEMO_DIR)/labels_imagenet
-DEMO_TRAIN_ARGS ?= --data.num_classes 1000 --data.class_map imagenet
+DEMO_TRAIN_ARGS ?= --data.num_classes 1000 --data.class_map imagenet \
+	--data.real_labels $(DEMO_DIR)/data/real_labels_imagenet.json
+DEMO_REPORT ?=
+ABLATION_REPORT ?=
 else
 DEMO_LABELS ?= $(DEMO_DIR)/labels
-DEMO_TRAIN_ARGS ?=
+DEMO_TRAIN_ARGS ?= --data.real_labels $(DEMO_DIR)/data/real_labels.json
+# The reports the README and docs/ABLATION.md copy (tools/ablate.py --report refreshes the copies).
+DEMO_REPORT ?= docs/results/demo
+ABLATION_REPORT ?= docs/results/ablation
 endif
 DEMO_RUNS ?= runs/demo
+DEMO_SEEDS ?= 1
 ABLATION_RUNS ?= runs/ablation
-ABLATION_SEEDS ?= 3
+ABLATION_SEEDS ?= 5
 # Extra train.py settings for every ablation run, e.g. "--optim.epochs 3".
 ABLATION_ARGS ?=
+# The same CPU kernels on any x86-64 machine with AVX2, so the figures do not depend on the machine
+# (docs/ABLATION.md "Same figures on another machine"): the annotator runs under the environment
+# that tools/ablate.py gives the training runs (PINNED_CPU_ENV there; a test keeps the two equal),
+# on the CPU with 2 threads.
+DEMO_CPU_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+	OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 
+# Label folders and runs made from an older copy of the data (a new generator version rebuilds it)
+# are stale: they are removed, and annotated or trained again.
 demo-data: $(STAMP)
 	$(BIN)/python tools/make_demo_data.py $(DEMO_DIR)/data
+	@for made in $(DEMO_DIR)/labels $(DEMO_DIR)/labels_imagenet $(DEMO_DIR)/labels_generated $(DEMO_RUNS) $(ABLATION_RUNS); do \
+		stamp=$$made/index.json; [ -e $$stamp ] || stamp=$$made/results.json; \
+		if [ -e $$stamp ] && [ $(DEMO_DIR)/data/manifest.json -nt $$stamp ]; then \
+			echo "removing $$made: made from an older copy of $(DEMO_DIR)/data"; rm -rf $$made; fi; \
+	done
 	$(BIN)/python tools/pack_labels.py $(DEMO_DIR)/data/relabel_pt $(DEMO_DIR)/labels_generated \
 		--image-root $(DEMO_DIR)/data/train --dtype float16
 
 demo-labels: demo-data
-	$(BIN)/python tools/relabel.py $(DEMO_DIR)/data/train $(DEMO_LABELS) --classes $(DEMO_CLASSES) \
-		--arch efficientnet-lite0 --size $(DEMO_ANNOTATE_SIZE) --batch-size 16 --dtype float16
+	env $(DEMO_CPU_ENV) $(BIN)/python tools/relabel.py $(DEMO_DIR)/data/train $(DEMO_LABELS) \
+		--classes $(DEMO_CLASSES) --arch efficientnet-lite0 --size $(DEMO_ANNOTATE_SIZE) --batch-size 16 \
+		--dtype float16 --device cpu --threads 2
 	$(BIN)/python tools/show_labels.py $(DEMO_LABELS) $(DEMO_DIR)/data/train --out $(DEMO_DIR)/figures \
 		--classes $(DEMO_CLASSES) \
 		--keys n01614925/n01614925_0005 --crops 4
 
+# ReLabel against one-hot labels, DEMO_SEEDS seeds each (paired by seed); the report goes to
+# DEMO_REPORT.md/.json/.png and its copy in the README.
 demo: demo-labels
-	$(BIN)/python tools/ablate.py --config configs/demo.yaml --methods softmax onehot --seeds 1 \
-		--out $(DEMO_RUNS) --title "make demo: ReLabel vs one-hot labels" -- \
+	$(BIN)/python tools/ablate.py --config configs/demo.yaml --methods softmax onehot --seeds $(DEMO_SEEDS) \
+		--out $(DEMO_RUNS) --title "make demo: ReLabel vs one-hot labels" $(if $(DEMO_REPORT),--report $(DEMO_REPORT)) -- \
 		--data.data_path $(DEMO_DIR)/data --data.relabel.path $(DEMO_LABELS) $(DEMO_TRAIN_ARGS)
 
-# The paper's Table 2 in miniature on the demo data: four label types and one-hot, ABLATION_SEEDS each.
+# The paper's Table 2 in miniature on the demo data: four label types and one-hot, ABLATION_SEEDS
+# each; the report goes to ABLATION_REPORT.md/.json/.png and its copies in README and docs/ABLATION.md.
 ablation: demo-labels
 	$(BIN)/python tools/ablate.py --config configs/demo.yaml --seeds $(ABLATION_SEEDS) --out $(ABLATION_RUNS) \
-		--title "Label types on the demo data" -- \
+		--title "Label types on the demo data" $(if $(ABLATION_REPORT),--report $(ABLATION_REPORT)) -- \
 		--data.data_path $(DEMO_DIR)/data --data.relabel.path $(DEMO_LABELS) $(DEMO_TRAIN_ARGS) $(ABLATION_ARGS)
 
 # Two pytest workers (pytest-xdist): most tests wait on the child processes they start, so two

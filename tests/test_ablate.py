@@ -1,26 +1,39 @@
 """tools/ablate.py: real train.py runs on a tiny dataset (1 seed, 1 epoch), the table's numbers
-against each run's own metrics.json and checkpoint, reruns that keep finished runs, failure paths."""
+against each run's own metrics.json and checkpoint, reruns that keep finished runs, failure paths;
+the paired statistics, the pinned CPU environment, and the published reports against their copies
+in the documents."""
 import json
+import os
+import re
 import statistics
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_tiny
+from conftest import CLASSES, write_tiny
 from PIL import Image
 
 from tools import ablate
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """18 training and 9 validation JPEGs (40x40, a dominant colour per class) with 3x4x4 label maps."""
-    return write_tiny(tmp_path_factory.mktemp("tiny"), size=(40, 40), train=6, val=3, cells=4)
+    """18 training and 9 validation JPEGs (40x40, a dominant colour per class) with 3x4x4 label maps;
+    ReaL entries name two classes for every third validation image (the demo's composites)."""
+    root = write_tiny(tmp_path_factory.mktemp("tiny"), size=(40, 40), train=6, val=3, cells=4)
+    names = sorted(f"{w}_val_{i:03d}" for w in CLASSES for i in range(3))
+    real = [sorted({CLASSES.index(n.split("_")[0]), (CLASSES.index(n.split("_")[0]) + 1) % 3}) if n.endswith("2") else []
+            for n in names]
+    (root / "real.json").write_text(json.dumps(real))
+    return root
 
 
 def overrides(root: Path, *extra: str) -> list[str]:
     return ["--data.data_path", str(root), "--data.relabel.path", str(root / "labels"),
+            "--data.real_labels", str(root / "real.json"),
             "--data.class_map", "folder", "--data.num_classes", "3", "--data.image_size", "32",
             "--model.arch", "mobilenet_v3_small", "--model.kwargs", "{width_mult: 0.25}",
             "--optim.batch_size", "6", "--optim.lr.base_batch_size", "6", "--util.val_batch_size", "9",
@@ -28,13 +41,26 @@ def overrides(root: Path, *extra: str) -> list[str]:
             "--data.py_workers", "1", "--compute.device", "cpu", "--util.tensorboard", "false", *extra]
 
 
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every Markdown table in ``text``: rows of cells, the header first, the rule left out."""
+    tables, current = [], None
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if current is None:
+                current = [cells]
+            elif not set(line) <= set("|-: "):
+                current.append(cells)
+        elif current is not None:
+            tables.append(current)
+            current = None
+    return tables
+
+
 def table_rows(text: str) -> dict[str, list[str]]:
-    """Markdown table -> {method: cells}, the method being the backquoted second column."""
-    rows = {}
-    for line in text.splitlines()[2:]:
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
-        rows[cells[1].strip("`")] = cells
-    return rows
+    """The report's main table -> {method: cells}, the method being the backquoted second column."""
+    (main,) = [t for t in markdown_tables(text) if t[0][:2] == ["labels", "method"]]
+    return {cells[1].strip("`"): cells for cells in main[1:]}
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +95,51 @@ class TestAblation:
             state = torch.load(Path(run["run_dir"]) / "checkpoint-last.pth", map_location="cpu", weights_only=False)
             top1, top5 = metrics["top1"], metrics["top5"]
             assert (top1, top5) == (state["metrics"]["top1"], state["metrics"]["top5"]) and metrics["epoch"] == 1
-            # 9 validation images: every accuracy is a multiple of 100/9.
+            # 9 validation images: every accuracy is a multiple of 100/9; 3 of them composites.
             assert round(top1 * 9 / 100, 6) == round(top1 * 9 / 100)
             assert 0.0 <= top1 <= top5 <= 100.0
+            assert metrics["real_samples"] == run["real_samples"] == 3 and run["samples"] == 9
+            assert round(metrics["real_top1"] * 3 / 100, 6) == round(metrics["real_top1"] * 3 / 100)
+            assert round(metrics["real_recall2"] * 6 / 100, 6) == round(metrics["real_recall2"] * 6 / 100)
             assert run["top1"] == pytest.approx(top1) and run["top5"] == pytest.approx(top5)
             cells = rows[run["method"]]
             assert cells[2] == "1"
-            assert cells[3] == f"{top1:.2f}" and cells[4] == f"{top5:.2f}"  # one seed: no spread shown
-            assert cells[5] == f"{top1:.2f}"
-        assert rows["softmax"][6] == "78.9" and rows["onehot"][6] == "77.5" and rows["argmax"][6] == "n/a"
+            assert cells[3] == f"{top1:.2f}" and cells[7] == f"{top5:.2f}"  # one seed: no spread shown
+            assert cells[5] == f"{metrics['real_top1']:.2f}" and cells[6] == f"{metrics['real_recall2']:.2f}"
+            # Single-object images: the 6 without a ReaL entry; correct = all correct - composites correct.
+            single = (round(top1 * 9 / 100) - round(metrics["real_label_top1"] * 3 / 100)) / 6 * 100
+            assert cells[4] == f"{single:.2f}" and run["single_top1"] == pytest.approx(single)
+        assert rows["softmax"][8] == "78.9" and rows["onehot"][8] == "77.5" and rows["argmax"][8] == "n/a"
+
+    def test_report_names_commit_machine_and_pin(self, ablation):
+        out, _ = ablation
+        text = (out / "table.md").read_text()
+        record = json.loads((out / "results.json").read_text())
+        assert re.fullmatch(r"[0-9a-f]{12}", record["code"]["commit"])
+        assert f"Commit `{record['code']['commit']}`" in text
+        assert record["machine"]["cpu"] in text and f"{os.cpu_count()} cores" in text
+        assert record["cpu_env"] == ablate.PINNED_CPU_ENV and "`ATEN_CPU_CAPABILITY=avx2`" in text
+        assert record["machine"]["torch_capability"] in ("AVX2", "DEFAULT")  # the pin reached the child
+        assert "9 validation images" in text and "3 of them two-object composites" in text
+
+    def test_runs_got_the_pinned_environment(self, ablation):
+        out, _ = ablation
+        identity = json.loads((out / "softmax" / "seed3" / ablate.IDENTITY_NAME).read_text())
+        assert identity["cpu_env"] == ablate.PINNED_CPU_ENV
+        assert set(identity["inputs"]) == {"labels", "real_labels"}
+        assert set(json.loads((out / "onehot" / "seed3" / ablate.IDENTITY_NAME).read_text())["inputs"]) == {"real_labels"}
+
+    def test_paired_comparison_is_in_the_report(self, ablation):
+        out, _ = ablation
+        record = json.loads((out / "results.json").read_text())
+        runs = {r["method"]: r for r in record["runs"]}
+        pairs = {p["method"]: p for p in record["paired"]}
+        assert sorted(pairs) == sorted(set(ablate.METHODS) - {"onehot"})
+        for method, pair in pairs.items():
+            assert pair["top1"]["differences"] == [pytest.approx(runs[method]["top1"] - runs["onehot"]["top1"])]
+            assert pair["real_recall2"]["n"] == 1 and pair["top1"]["ci95"] is None
+        (paired_table,) = [t for t in markdown_tables((out / "table.md").read_text()) if t[0][0].startswith("minus one-hot")]
+        assert len(paired_table) == 5 and "one seed, no interval" in (out / "table.md").read_text()
 
     def test_chart_is_a_png(self, ablation):
         out, _ = ablation
@@ -100,6 +162,24 @@ class TestAblation:
         error = capsys.readouterr().err
         assert "other settings" in error and "optim.lr.init" in error and "argmax" in error
 
+    def test_run_made_with_other_cpu_settings_is_refused(self, ablation, capsys):
+        out, argv = ablation
+        assert ablate.main(["--no-pin", "--methods", "argmax", *argv]) == ablate.EXIT_USAGE
+        error = capsys.readouterr().err
+        assert "other CPU settings or input data" in error and "cpu_env" in error
+
+    def test_run_made_from_other_labels_is_refused(self, ablation, tiny, capsys):
+        out, argv = ablation
+        index = tiny / "labels" / "index.json"
+        stat = index.stat()
+        os.utime(index, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+        try:
+            assert ablate.main(["--methods", "softmax", *argv]) == ablate.EXIT_USAGE
+            assert ablate.main(["--methods", "onehot", *argv]) == 0  # one-hot runs do not read the labels
+        finally:
+            os.utime(index, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert "inputs.labels" in capsys.readouterr().err
+
     def test_finished_run_without_metrics_file_is_refused(self, ablation, capsys):
         out, argv = ablation
         metrics = out / "global_argmax" / "seed3" / "metrics.json"
@@ -119,8 +199,8 @@ class TestAblation:
         assert (tmp_path / "softmax" / "seed0" / "train.log").is_file()
 
 
-def result(method, seed, top1, top5):
-    return ablate.RunResult(method, seed, top1, top5, 1, f"runs/{method}/seed{seed}")
+def result(method, seed, top1, top5, real_top1=None):
+    return ablate.RunResult(method, seed, top1, top5, 1, f"runs/{method}/seed{seed}", real_top1=real_top1)
 
 
 class TestSummary:
@@ -134,32 +214,61 @@ class TestSummary:
         assert rows[1]["top1_std"] is None and rows[1]["runs"] == 1
         cells = table_rows(ablate.markdown_table(rows))
         assert cells["softmax"][3] == f"{statistics.fmean([90.0, 92.5, 94.0]):.2f} ± {np.std([90.0, 92.5, 94.0], ddof=1):.2f}"
-        assert cells["softmax"][5] == "90.00, 92.50, 94.00"
         assert cells["onehot"][3] == "80.00"
+        assert cells["softmax"][4] == cells["softmax"][5] == "n/a"  # no ReaL labels
+        (per_seed,) = markdown_tables(ablate.per_seed_table(rows, "top1"))
+        assert per_seed[0] == ["top-1, all (%)", "seed 0", "seed 1", "seed 2"]
+        assert per_seed[1][1:] == ["90.00", "92.50", "94.00"] and per_seed[2][1:] == ["80.00", "", ""]
 
 
-class TestArguments:
-    @pytest.mark.parametrize("argv, message", [
-        (["--seeds", "0"], "--seeds must be positive"),
-        (["--methods", "softmax", "softmax"], "lists a method twice"),
-        (["--methods", "mean"], "invalid choice"),
-        (["--config", "no/such.yaml"], "no such file"),
+class TestSingleObjectTop1:
+    def test_derived_from_the_counts(self):
+        # 950 images, 304 composites: 640 correct in all, 100 of them composites -> 540 of 646.
+        run = ablate.RunResult("softmax", 0, 100 * 640 / 950, 99.0, 4, "r", samples=950, real_samples=304,
+                               real_label_top1=100 * 100 / 304)
+        assert run.single_top1 == pytest.approx(100 * 540 / 646)
+        assert result("softmax", 0, 90.0, 99.0).single_top1 is None
+
+
+class TestPaired:
+    def test_differences_per_seed_against_brute_force(self):
+        top1 = {"softmax": [88.0, 86.0, 91.0, 85.0, 87.5], "onehot": [85.0, 86.0, 89.0, 86.0, 84.5]}
+        results = [result(m, s, v, 99.0, real_top1=v - 20) for m, values in top1.items() for s, v in enumerate(values)]
+        (pair,) = ablate.paired(results, ["softmax", "onehot"])
+        differences = np.subtract(top1["softmax"], top1["onehot"])
+        stats = pair["top1"]
+        assert stats["differences"] == pytest.approx(differences.tolist())
+        assert stats["mean"] == pytest.approx(differences.mean()) and stats["std"] == pytest.approx(differences.std(ddof=1))
+        half = 2.776 * differences.std(ddof=1) / np.sqrt(5)  # t(0.975, 4 degrees of freedom)
+        assert stats["ci95"] == pytest.approx([differences.mean() - half, differences.mean() + half])
+        assert (stats["better"], stats["worse"], stats["equal"]) == (3, 1, 1)
+        assert pair["real_top1"]["differences"] == pytest.approx(differences.tolist())
+        assert pair["real_recall2"] is None
+
+    @pytest.mark.parametrize("differences, words", [
+        ([2.0, 2.5, 3.0], "better"), ([-2.0, -2.5, -3.0], "worse"), ([1.0, -1.0, 2.0], "tie within noise"),
+        ([2.0], "one seed, no interval"),
     ])
-    def test_bad_arguments(self, argv, message, capsys):
-        with pytest.raises(SystemExit) as exit_info:
-            ablate.parse_args(argv)
-        assert exit_info.value.code == 2
-        assert message in capsys.readouterr().err
+    def test_verdict_follows_the_interval(self, differences, words):
+        assert ablate.verdict(ablate.difference_stats(differences)).startswith(words)
 
-    def test_unknown_train_setting_is_refused_before_training(self, tmp_path, capsys):
-        assert ablate.main(["--out", str(tmp_path), "--", "--optim.epochz", "1"]) == ablate.EXIT_USAGE
-        assert "optim.epochz" in capsys.readouterr().err
-        assert not any(tmp_path.iterdir())
+    def test_no_baseline_no_pairs(self):
+        assert ablate.paired([result("softmax", 0, 90.0, 99.0)], ["softmax"]) == []
 
-    def test_overrides_after_separator_reach_every_run(self):
-        args, extra = ablate.parse_args(["--seeds", "2", "--", "--optim.epochs", "2"])
-        assert args.seeds == 2 and extra == ["--optim.epochs", "2"]
-        argv = ablate.train_argv(Path("c.yaml"), "onehot", 1, Path("o"), extra)
-        assert argv[argv.index("--optim.epochs") + 1] == "2"
-        assert argv[argv.index("--data.relabel.use") + 1] == "false"
-        assert argv[argv.index("--compute.seed") + 1] == "1"
+    def test_only_common_seeds_are_paired(self):
+        results = [result("softmax", 0, 90.0, 99.0), result("softmax", 1, 91.0, 99.0), result("onehot", 1, 89.0, 99.0)]
+        (pair,) = ablate.paired(results, ["softmax", "onehot"])
+        assert pair["seeds"] == [1] and pair["top1"]["differences"] == [2.0]
+
+
+class TestPinnedEnvironment:
+    def test_children_get_the_pin_over_the_environment(self, monkeypatch):
+        monkeypatch.setenv("OMP_NUM_THREADS", "16")
+        assert ablate.child_environment(pin=True)["OMP_NUM_THREADS"] == "2"
+        assert ablate.child_environment(pin=False)["OMP_NUM_THREADS"] == "16"
+
+    def test_makefile_annotates_under_the_same_pin(self):
+        text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+        (line,) = re.findall(r"^DEMO_CPU_ENV := (.*)$", text, re.MULTILINE)
+        assert dict(item.split("=", 1) for item in line.split()) == ablate.PINNED_CPU_ENV
+        assert "env $(DEMO_CPU_ENV) $(BIN)/python tools/relabel.py" in text
