@@ -133,14 +133,23 @@ def host_compiler() -> str:
     return compiler
 
 
+# The oldest DALI the operators build against and agree with (tools/check_dali_versions.py,
+# docs/OPERATOR.md): older releases' own headers do not compile as C++20.
+MIN_DALI = "1.28"
+
+
 def dali_build_flags() -> tuple[list[str], list[str], str]:
-    """(compile flags, link flags, version) of the installed DALI wheel."""
+    """(compile flags, link flags, version) of the installed DALI wheel, if it is recent enough."""
     try:
         import nvidia.dali as dali
         import nvidia.dali.sysconfig as sysconfig
     except ImportError:
         raise BuildError("NVIDIA DALI is not installed: `pip install nvidia-dali-cuda130` (or the cuda120 "
                          "variant matching your driver)") from None
+    release = tuple(int(part) for part in dali.__version__.split(".")[:2] if part.isdigit())
+    if release < tuple(int(part) for part in MIN_DALI.split(".")):
+        raise BuildError(f"NVIDIA DALI {dali.__version__} is too old: the LabelPool operators need DALI >= "
+                         f"{MIN_DALI} (`pip install -U nvidia-dali-cuda130`, or the cuda120 variant)")
     return list(sysconfig.get_compile_flags()), list(sysconfig.get_link_flags()), dali.__version__
 
 

@@ -13,6 +13,11 @@
 
 namespace relabel_dali {
 
+// DALI before dali/core/dali_data_type.h (1.35 and older) declares the type ids in namespace dali.
+#if !__has_include("dali/core/dali_data_type.h")
+using dali::DALI_BOOL, dali::DALI_FLOAT, dali::DALI_FLOAT16, dali::DALI_UINT16, dali::DALI_UINT8;
+#endif
+
 inline int parse_pool_mode(const std::string &mode) {
   if (mode == "softmax") return kSoftmax;
   if (mode == "argmax") return kArgmax;
@@ -41,6 +46,10 @@ class LabelPool : public dali::Operator<Backend> {
   }
 
  protected:
+  // DALI 1.35 and older ask whether SetupImpl declared the outputs (it does); later releases no
+  // longer have the question, so this is not marked override.
+  bool CanInferOutputs() const { return true; }
+
   bool SetupImpl(std::vector<dali::OutputDesc> &output_desc, const dali::Workspace &ws) override {
     const auto &score_shape = ws.GetInputShape(0);
     const auto &id_shape = ws.GetInputShape(1);

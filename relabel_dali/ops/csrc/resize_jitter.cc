@@ -47,6 +47,11 @@ mirror.)")
 
 namespace relabel_dali {
 
+// DALI before dali/core/dali_data_type.h (1.35 and older) declares the type ids in namespace dali.
+#if !__has_include("dali/core/dali_data_type.h")
+using dali::DALI_BOOL, dali::DALI_FLOAT, dali::DALI_FLOAT16, dali::DALI_UINT16, dali::DALI_UINT8;
+#endif
+
 class ResizeJitterNormalize : public dali::Operator<dali::CPUBackend> {
  public:
   explicit ResizeJitterNormalize(const dali::OpSpec &spec)
@@ -86,6 +91,10 @@ class ResizeJitterNormalize : public dali::Operator<dali::CPUBackend> {
   }
 
  protected:
+  // DALI 1.35 and older ask whether SetupImpl declared the outputs (it does); later releases no
+  // longer have the question, so this is not marked override.
+  bool CanInferOutputs() const { return true; }
+
   bool SetupImpl(std::vector<dali::OutputDesc> &output_desc, const dali::Workspace &ws) override {
     const auto &shape = ws.GetInputShape(0);
     const int n = shape.num_samples();
