@@ -69,6 +69,7 @@ class TestListingFile:
         (lambda data: data[:8] + b"\x07" + data[9:], "header checksum mismatch"),
         (lambda data: data[:-1], "bytes, the header says"),
         (lambda data: data[:-2] + bytes([data[-2] ^ 1]) + data[-1:], "trailer checksum mismatch"),
+        (lambda data: data[:64] + bytes([data[64] ^ 1]) + data[65:], "array dir_ids checksum mismatch"),
     ])
     def test_damaged_files_are_refused(self, tmp_path, damage, message):
         listing = Listing.from_paths(tmp_path, ["a/x.JPEG", "b/y.JPEG"])
