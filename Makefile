@@ -85,12 +85,13 @@ ABLATION_ARGS ?=
 DEMO_CPU_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
 	OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 
-# Label folders and runs made from an older copy of the data (a new generator version rebuilds it)
-# are stale: they are removed, and annotated or trained again.
+# Label folders made from an older copy of the data (a new generator version rebuilds it) are stale:
+# they are removed and annotated again. Runs made from other data or settings are retrained
+# (tools/ablate.py --replace-stale).
 demo-data: $(STAMP)
 	$(BIN)/python tools/make_demo_data.py $(DEMO_DIR)/data
-	@for made in $(DEMO_DIR)/labels $(DEMO_DIR)/labels_imagenet $(DEMO_DIR)/labels_generated $(DEMO_RUNS) $(ABLATION_RUNS); do \
-		stamp=$$made/index.json; [ -e $$stamp ] || stamp=$$made/results.json; \
+	@for made in $(DEMO_DIR)/labels $(DEMO_DIR)/labels_imagenet $(DEMO_DIR)/labels_generated; do \
+		stamp=$$made/index.json; \
 		if [ -e $$stamp ] && [ $(DEMO_DIR)/data/manifest.json -nt $$stamp ]; then \
 			echo "removing $$made: made from an older copy of $(DEMO_DIR)/data"; rm -rf $$made; fi; \
 	done
@@ -109,14 +110,14 @@ demo-labels: demo-data
 # DEMO_REPORT.md/.json/.png and its copy in the README.
 demo: demo-labels
 	$(BIN)/python tools/ablate.py --config configs/demo.yaml --methods softmax onehot --seeds $(DEMO_SEEDS) \
-		--out $(DEMO_RUNS) --title "make demo: ReLabel vs one-hot labels" $(if $(DEMO_REPORT),--report $(DEMO_REPORT)) -- \
+		--out $(DEMO_RUNS) --title "make demo: ReLabel vs one-hot labels" --replace-stale $(if $(DEMO_REPORT),--report $(DEMO_REPORT)) -- \
 		--data.data_path $(DEMO_DIR)/data --data.relabel.path $(DEMO_LABELS) $(DEMO_TRAIN_ARGS)
 
 # The paper's Table 2 in miniature on the demo data: four label types and one-hot, ABLATION_SEEDS
 # each; the report goes to ABLATION_REPORT.md/.json/.png and its copies in README and docs/ABLATION.md.
 ablation: demo-labels
 	$(BIN)/python tools/ablate.py --config configs/demo.yaml --seeds $(ABLATION_SEEDS) --out $(ABLATION_RUNS) \
-		--title "Label types on the demo data" $(if $(ABLATION_REPORT),--report $(ABLATION_REPORT)) -- \
+		--title "Label types on the demo data" --replace-stale $(if $(ABLATION_REPORT),--report $(ABLATION_REPORT)) -- \
 		--data.data_path $(DEMO_DIR)/data --data.relabel.path $(DEMO_LABELS) $(DEMO_TRAIN_ARGS) $(ABLATION_ARGS)
 
 # Two pytest workers (pytest-xdist): most tests wait on the child processes they start, so two

@@ -162,6 +162,16 @@ class TestAblation:
         error = capsys.readouterr().err
         assert "other settings" in error and "optim.lr.init" in error and "argmax" in error
 
+    def test_stale_run_is_replaced_when_asked(self, tiny, tmp_path, capsys):
+        argv = ["--seeds", "1", "--methods", "onehot", "--out", str(tmp_path), "--", *overrides(tiny)]
+        assert ablate.main(argv) == 0
+        changed = [*argv, "--optim.lr.init", "0.05"]
+        assert ablate.main(changed) == ablate.EXIT_USAGE
+        assert ablate.main(["--replace-stale", *changed]) == 0
+        assert "replacing" in capsys.readouterr().out
+        state = torch.load(tmp_path / "onehot" / "seed0" / "checkpoint-last.pth", map_location="cpu", weights_only=False)
+        assert state["config"]["optim"]["lr"]["init"] == 0.05
+
     def test_run_made_with_other_cpu_settings_is_refused(self, ablation, capsys):
         out, argv = ablation
         assert ablate.main(["--no-pin", "--methods", "argmax", *argv]) == ablate.EXIT_USAGE

@@ -17,7 +17,8 @@ with the environment as it is (faster on AVX-512, not comparable across machines
 
 Rerunning keeps finished runs (a checkpoint at the last epoch, made with the same settings, CPU
 pin and input files), resumes interrupted ones and trains the missing ones; a run folder holding
-other settings or made from other data stops the tool rather than being mixed in. The numbers are
+other settings or made from other data stops the tool rather than being mixed in (``--replace-stale``,
+which make demo and make ablation pass, retrains it instead). The numbers are
 the last evaluation's, read from each run's own metrics.json (train.py writes it beside its
 checkpoints): top-1/top-5 and, with ``data.real_labels``, the multi-label figures (ReaL top-1,
 recall@2). With one-hot labels among the methods, every other method is compared with them seed
@@ -42,6 +43,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -142,6 +144,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--title", default="ReLabel label types", help="chart and report title")
     parser.add_argument("--report", type=Path, metavar="PREFIX",
                         help="also write PREFIX.md/.json/.png and refresh their copies in README.md and docs/")
+    parser.add_argument("--replace-stale", action="store_true",
+                        help="retrain a run folder made with other settings or inputs instead of stopping")
     parser.add_argument("--no-pin", action="store_true",
                         help="run with the CPU environment as it is (PINNED_CPU_ENV not applied)")
     args = parser.parse_args(argv)
@@ -250,7 +254,8 @@ def train(argv: list[str], log_path: Path, pin: bool = True) -> int:
             log.write(line)
             log.flush()
             if line.startswith(("epoch ", "resumed ")):
-                print("    " + line.rstrip(), flush=True)
+                # Epochs without an evaluation (util.val_every) have no accuracy yet.
+                print("    " + line.rstrip().replace("top1 nan  top5 nan", "(not evaluated)"), flush=True)
     return process.returncode
 
 
@@ -269,7 +274,14 @@ def run_all(args, overrides: list[str], loads: list[float] | None = None) -> lis
             raise AblationError(str(error)) from None
         identity = {"cpu_env": cpu_env, "inputs": input_fingerprint(wanted, method)}
         prefix = f"[{number}/{len(plan)}] {method} seed {seed}"
-        result = finished_result(run_dir, wanted, method, seed, identity)
+        try:
+            result = finished_result(run_dir, wanted, method, seed, identity)
+        except AblationError as error:
+            if not args.replace_stale:
+                raise
+            print(f"{prefix}: replacing {run_dir}: {error}", flush=True)
+            shutil.rmtree(run_dir)
+            result = None
         if result is None:
             print(f"{prefix}: training ({run_dir / 'train.log'})", flush=True)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -582,14 +594,14 @@ def chart_png(record: dict) -> bytes:
         values = bars(axes[0], "top1", -0.2, 0.4, ["C2"] * len(rows), "all images")
         values += bars(axes[0], "single_top1", 0.2, 0.4, ["C4"] * len(rows), "single-object images")
         finish(axes[0], values, "top-1 accuracy (%), the folder's class")
-        axes[0].legend(fontsize=8, loc="lower right")
+        axes[0].legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     else:
         finish(axes[0], bars(axes[0], "top1"), "top-1 accuracy (%), all validation images")
     if has_real:
         values = bars(axes[1], "real_top1", -0.2, 0.4, ["C0"] * len(rows), "ReaL top-1")
         values += bars(axes[1], "real_recall2", 0.2, 0.4, ["C1"] * len(rows), "recall@2")
         finish(axes[1], values, "two-object composites (%)")
-        axes[1].legend(fontsize=8, loc="lower right")
+        axes[1].legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     else:
         finish(axes[1], bars(axes[1], "top5"), "top-5 accuracy (%)")
     if pairs:
@@ -608,9 +620,10 @@ def chart_png(record: dict) -> bytes:
                             color=f"C{j}", markersize=14, capsize=4, linewidth=1.5)
         ax.set_xticks(range(len(pairs)), [p["labels"].replace(" (", "\n(") for p in pairs], fontsize=7.5,
                       rotation=20, ha="right")
+        ax.set_xlim(-0.6, len(pairs) - 0.4)
         ax.set_ylabel("minus one-hot, same seed (points)")
-        ax.set_title("paired: dots = seeds, bar = mean, whiskers = 95 % t-interval", fontsize=8)
-        ax.legend(fontsize=7, loc="best")
+        ax.set_title("dots: seeds; bar and whiskers: mean, 95 % t-interval", fontsize=8)
+        ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.06), ncol=2, frameon=False)
         ax.grid(axis="y", alpha=0.3)
     runs = sorted({row["runs"] for row in rows})
     spread = "one run each" if runs == [1] else f"mean ± std over {'/'.join(map(str, runs))} seeds, dots = single runs"
