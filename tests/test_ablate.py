@@ -282,3 +282,72 @@ class TestPinnedEnvironment:
         (line,) = re.findall(r"^DEMO_CPU_ENV := (.*)$", text, re.MULTILINE)
         assert dict(item.split("=", 1) for item in line.split()) == ablate.PINNED_CPU_ENV
         assert "env $(DEMO_CPU_ENV) $(BIN)/python tools/relabel.py" in text
+
+
+class TestPublishedResults:
+    """The documents show the reports that `make demo` and `make ablation` wrote, byte for byte."""
+
+    COPY = re.compile(r"<!-- BEGIN (docs/results/[\w.]+\.md) -->\n(.*?)<!-- END \1 -->", re.DOTALL)
+
+    def copies(self):
+        for document in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+            for match in self.COPY.finditer(document.read_text()):
+                yield document, match.group(1), match.group(2)
+
+    def test_every_copy_equals_its_report(self):
+        found = list(self.copies())
+        published = {"docs/results/demo.md"} | {n for n in ["docs/results/ablation.md"] if (REPO / n).exists()}
+        assert {name for _, name, _ in found} >= published
+        for document, name, text in found:
+            assert text == (REPO / name).read_text(), f"{document.name}: the copy of {name} differs; rerun the command it names"
+
+    @pytest.mark.parametrize("name", ["demo", "ablation"])
+    def test_report_names_its_commit_and_machine(self, name):
+        if name == "ablation" and not (REPO / "docs" / "results" / "ablation.md").exists():
+            pytest.skip("make ablation has not written docs/results/ablation.md yet")
+        text = (REPO / "docs" / "results" / f"{name}.md").read_text()
+        record = json.loads((REPO / "docs" / "results" / f"{name}.json").read_text())
+        assert f"Commit `{record['code']['commit']}`" in text and record["machine"]["cpu"] in text
+        assert record["cpu_env"] == ablate.PINNED_CPU_ENV
+        assert ablate.report_markdown(record) == text  # the Markdown is the JSON's rendering
+        with Image.open(REPO / "docs" / "results" / f"{name}.png") as image:
+            assert image.format == "PNG"
+
+    def test_refresh_replaces_only_the_marked_copy(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(ablate, "REPO", tmp_path)
+        (tmp_path / "docs" / "results").mkdir(parents=True)
+        report = tmp_path / "docs" / "results" / "x.md"
+        document = tmp_path / "README.md"
+        document.write_text("intro\n<!-- BEGIN docs/results/x.md -->\nold\n<!-- END docs/results/x.md -->\nrest\n"
+                            "<!-- BEGIN docs/results/y.md -->\nother\n<!-- END docs/results/y.md -->\n")
+        assert ablate.refresh_copies(report, "new\ntable\n", [document]) == [document]
+        assert document.read_text() == ("intro\n<!-- BEGIN docs/results/x.md -->\nnew\ntable\n<!-- END docs/results/x.md -->"
+                                        "\nrest\n<!-- BEGIN docs/results/y.md -->\nother\n<!-- END docs/results/y.md -->\n")
+        assert ablate.refresh_copies(report, "new\ntable\n", [document]) == []
+
+
+class TestArguments:
+    @pytest.mark.parametrize("argv, message", [
+        (["--seeds", "0"], "--seeds must be positive"),
+        (["--methods", "softmax", "softmax"], "lists a method twice"),
+        (["--methods", "mean"], "invalid choice"),
+        (["--config", "no/such.yaml"], "no such file"),
+    ])
+    def test_bad_arguments(self, argv, message, capsys):
+        with pytest.raises(SystemExit) as exit_info:
+            ablate.parse_args(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+    def test_unknown_train_setting_is_refused_before_training(self, tmp_path, capsys):
+        assert ablate.main(["--out", str(tmp_path), "--", "--optim.epochz", "1"]) == ablate.EXIT_USAGE
+        assert "optim.epochz" in capsys.readouterr().err
+        assert not any(tmp_path.iterdir())
+
+    def test_overrides_after_separator_reach_every_run(self):
+        args, extra = ablate.parse_args(["--seeds", "2", "--", "--optim.epochs", "2"])
+        assert args.seeds == 2 and extra == ["--optim.epochs", "2"]
+        argv = ablate.train_argv(Path("c.yaml"), "onehot", 1, Path("o"), extra)
+        assert argv[argv.index("--optim.epochs") + 1] == "2"
+        assert argv[argv.index("--data.relabel.use") + 1] == "false"
+        assert argv[argv.index("--compute.seed") + 1] == "1"
