@@ -8,7 +8,10 @@ coefficients arrive with the sample (``relabel_dali.data.source``), which is wha
 augmentation a pure function of (seed, rank, epoch, slot). Outputs, in order: ``images``
 ([3, S, S] float32/float16, normalized), ``boxes`` (float32 [4] normalized xyxy of the crop in the
 whole, unflipped image), ``targets`` (float32 [num_classes]: pooled soft labels when the source
-has label shards, else one-hot labels), ``labels`` and ``indices`` (int64 scalars).
+has label shards, else one-hot labels), ``labels`` and ``indices`` (int64 scalars); with
+``token_size`` S also ``token_targets`` (float32 [S*S, num_classes]: the crop pooled to an S x S
+grid, token ``r*S + c`` at row r, column c of the image as the student sees it, flipped with it)
+and ``mirror`` (int32 scalar, 1 where the image was flipped).
 """
 from __future__ import annotations
 
@@ -20,6 +23,12 @@ from relabel_dali.data.settings import POOL_MODES, Runtime, TrainAugment
 
 OUTPUT_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}
 TRAIN_OUTPUTS = ("images", "boxes", "targets", "labels", "indices")
+TOKEN_OUTPUTS = TRAIN_OUTPUTS + ("token_targets", "mirror")
+
+
+def train_outputs(token_size: int = 0) -> tuple[str, ...]:
+    """The names of ``training_pipeline``'s outputs, in order."""
+    return TOKEN_OUTPUTS if token_size else TRAIN_OUTPUTS
 
 
 def dali_type(dtype) -> types.DALIDataType:
@@ -158,10 +167,11 @@ def resize_jitter_normalize(images, *, size, jitter, lighting, mirror, dtype, pa
 
 
 def training_pipeline(source, augment: TrainAugment, runtime: Runtime, *, num_classes: int,
-                      pool_mode: str = "softmax", fused: bool | None = None):
+                      pool_mode: str = "softmax", fused: bool | None = None, token_size: int = 0):
     """The training pipeline (unbuilt). ``source``: a ``relabel_dali.data.source.SampleSource`` built
     with this ``augment``; targets are pooled from its label shards (``pool_mode``) when it has
-    them, else one-hot. ``fused`` (default: on the CPU) resizes and jitters with the one
+    them, else one-hot. ``token_size`` S > 0 (label shards only) adds the token targets: the same
+    label record pooled over the same box to S x S, mirrored with the sample's flip. ``fused`` (default: on the CPU) resizes and jitters with the one
     ``resize_jitter_normalize`` operator instead of DALI's resize, saturation and normalize; it
     is a CPU operator, so a GPU graph cannot use it."""
     if pool_mode not in POOL_MODES:
@@ -173,6 +183,8 @@ def training_pipeline(source, augment: TrainAugment, runtime: Runtime, *, num_cl
     if fused and gpu:
         raise ValueError("fused=True needs a CPU runtime: resize_jitter_normalize is a CPU operator")
     use_relabel = source.with_labels
+    if token_size and not use_relabel:
+        raise ValueError(f"token_size {token_size}: token targets need a source with label shards")
     if use_relabel or fused:
         from relabel_dali.ops.build import load_operators
 
@@ -207,6 +219,11 @@ def training_pipeline(source, augment: TrainAugment, runtime: Runtime, *, num_cl
             targets = fn.label_pool(scores, class_ids, boxes, scale=scale, offset=offset,
                                     num_classes=num_classes, mode=pool_mode,
                                     device="gpu" if gpu else "cpu")
+            if token_size:
+                tokens = fn.label_pool(scores, class_ids, boxes, scale=scale, offset=offset,
+                                       num_classes=num_classes, mode=pool_mode, output_size=token_size,
+                                       mirror=mirror, device="gpu" if gpu else "cpu")
+                return images, boxes, targets, labels, indices, tokens, fields["mirror"]
         else:
             targets = fn.one_hot(labels, num_classes=num_classes, dtype=types.FLOAT)
             if gpu:

@@ -23,7 +23,7 @@ from relabel_dali.data.source import SampleSource
 from relabel_dali.data.transfer import host_to_device
 
 log = logging.getLogger(__name__)
-HOST_METADATA = ("boxes", "labels", "indices")  # per-sample outputs the graphs make on the host
+HOST_METADATA = ("boxes", "labels", "indices", "mirror")  # per-sample outputs the graphs make on the host
 
 
 class DaliLoader:
@@ -103,7 +103,7 @@ class DaliLoader:
         asynchronously, and DALI keeps a buffer as long as a tensor refers to it."""
         out = {}
         for name, tensor in batch.items():
-            if name in ("labels", "indices"):
+            if name in ("labels", "indices", "mirror"):
                 tensor = tensor.view(-1).to(torch.int64)
             if tensor.device.type == "cpu" and (self.device.type != "cpu" or name in HOST_METADATA):
                 tensor = host_to_device(tensor, self.device)
@@ -141,8 +141,10 @@ def build_train_loader(dataset: Dataset | str | os.PathLike, *, batch_size: int,
                        world_size: int = 1, seed: int = 0, start_epoch: int = 0) -> DaliLoader:
     """Batches ``{"images" [B,3,S,S], "targets" [B,C] float32, "labels" [B], "boxes" [B,4],
     "indices" [B]}`` on ``runtime.device``, ``B = batch_size`` per process. ``labels`` None gives
-    one-hot targets. ``rank``/``world_size`` are the GLOBAL rank and world size."""
-    from pipelines.training import TRAIN_OUTPUTS, training_pipeline
+    one-hot targets; ``labels.token_size`` T > 0 adds ``"token_targets" [B,T*T,C]`` float32 (the
+    crop's token targets, mirrored with the image) and ``"mirror" [B]`` (1: the image was flipped). ``rank``/``world_size`` are the GLOBAL rank
+    and world size."""
+    from pipelines.training import train_outputs, training_pipeline
 
     dataset = _dataset(dataset)
     listing = dataset_listing(dataset, None if labels is None else open_labels(labels, dataset.num_classes))
@@ -153,10 +155,13 @@ def build_train_loader(dataset: Dataset | str | os.PathLike, *, batch_size: int,
                           seed=seed, shuffle=True, remainder="pad", start_epoch=start_epoch,
                           on_bad_sample=dataset.on_bad_sample, augment=augment)
     pool_mode = labels.pool_mode if labels is not None else "softmax"
+    token_size = labels.token_size if labels is not None else 0
     def make(src):
-        return training_pipeline(src, augment, runtime, num_classes=dataset.num_classes, pool_mode=pool_mode)
+        return training_pipeline(src, augment, runtime, num_classes=dataset.num_classes, pool_mode=pool_mode,
+                                 token_size=token_size)
 
-    return DaliLoader(source, make, TRAIN_OUTPUTS, device=runtime.device, start_method=runtime.start_method)
+    return DaliLoader(source, make, train_outputs(token_size), device=runtime.device,
+                      start_method=runtime.start_method)
 
 
 def build_val_loader(dataset: Dataset | str | os.PathLike, *, batch_size: int,

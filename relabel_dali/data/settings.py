@@ -68,11 +68,16 @@ class Labels:
     path: Path
     pool_mode: str = "softmax"
     verify: str = "open"  # off; open: index and key checksums (cheap); full: every record at startup
+    token_size: int = 0  # also S x S token targets per crop (TokenLabeling); 0: only the crop's target
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
         _one_of("pool_mode", self.pool_mode, POOL_MODES)
         _one_of("verify_labels", self.verify, VERIFY_LABELS)
+        _positive("token_size", self.token_size, zero=True)
+        if self.token_size and self.pool_mode.startswith("global"):
+            raise ValueError(f"token_size {self.token_size} needs a box pool_mode (softmax or argmax): "
+                             f"{self.pool_mode} pools the whole map into one target")
 
 
 @dataclass(frozen=True)
@@ -171,12 +176,16 @@ class DataSettings:
         val = build("val_folder", lambda: Dataset(root / data.val_folder, file_list=data.val_file_list,
                                                   preflight_decodes=0, **common))
         labels = None
+        if data.relabel.token_size and not data.relabel.use:
+            raise ConfigError("data.relabel.token_size needs label maps: set data.relabel.use true (one-hot "
+                              "labels have no token targets) or data.relabel.token_size 0")
         if data.relabel.use:
             if not data.relabel.path:
                 raise ConfigError("data.relabel.use is true but data.relabel.path is empty: point it at the "
                                   "packed label shards (tools/pack_labels.py) or set --data.relabel.use false")
             labels = build("relabel", lambda: Labels(data.relabel.path, pool_mode=data.relabel.pool_mode,
-                                                     verify=data.verify_labels))
+                                                     verify=data.verify_labels,
+                                                     token_size=data.relabel.token_size))
         augment = build("augment", lambda: TrainAugment(
             image_size=data.image_size, random_area=(data.rrc_minimum, 1.0),
             random_aspect_ratio=tuple(data.random_aspect_ratio), flip=data.flip, color_jitter=data.color_jitter,

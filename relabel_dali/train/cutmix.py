@@ -25,6 +25,41 @@ def cutmix_box(height: int, width: int, lam: float, generator: torch.Generator |
     return y0, y1, x0, x1
 
 
+def _check(images: torch.Tensor, targets: torch.Tensor, prob: float, beta: float) -> None:
+    if images.ndim != 4:
+        raise ValueError(f"images: expected [B, C, H, W], got shape {tuple(images.shape)}")
+    if targets.ndim != 2 or targets.shape[0] != images.shape[0]:
+        raise ValueError(f"targets: expected [B={images.shape[0]}, num_classes], got shape {tuple(targets.shape)}")
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"prob must be in [0, 1], got {prob}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+
+
+def _draw(images: torch.Tensor, prob: float, beta: float, generator):
+    """``None`` (no CutMix this batch) or ``(box, perm)``; every draw on the CPU, in one order."""
+    if prob == 0.0 or float(torch.rand((), generator=generator)) >= prob:
+        return None
+    beta_t = torch.tensor([float(beta)])
+    # torch.distributions has no generator argument: Beta(a, b) = Ga / (Ga + Gb) with seeded gammas.
+    gammas = torch._standard_gamma(beta_t.repeat(2), generator=generator)
+    lam = float(gammas[0] / gammas.sum())
+    height, width = images.shape[-2:]
+    box = cutmix_box(height, width, lam, generator)
+    perm = torch.randperm(images.shape[0], generator=generator)
+    if images.device.type != "cpu":
+        perm = host_to_device(perm, images.device)
+    return box, perm
+
+
+def _paste(images: torch.Tensor, targets: torch.Tensor, box, perm):
+    y0, y1, x0, x1 = box
+    height, width = images.shape[-2:]
+    images[:, :, y0:y1, x0:x1] = images[perm, :, y0:y1, x0:x1]
+    lam = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
+    return images, lam * targets + (1.0 - lam) * targets[perm], lam
+
+
 def cutmix_batch(images: torch.Tensor, targets: torch.Tensor, *, prob: float = 1.0, beta: float = 1.0,
                  generator: torch.Generator | None = None):
     """Returns ``(images, targets, lam)``; ``images`` [B, C, H, W] is modified in place.
@@ -34,26 +69,44 @@ def cutmix_batch(images: torch.Tensor, targets: torch.Tensor, *, prob: float = 1
     does not wait for the GPU each step); the pixel copy and target mix stay on the tensors' device.
     ``lam`` is 1.0 when CutMix was not applied.
     """
-    if images.ndim != 4:
-        raise ValueError(f"images: expected [B, C, H, W], got shape {tuple(images.shape)}")
-    if targets.ndim != 2 or targets.shape[0] != images.shape[0]:
-        raise ValueError(f"targets: expected [B={images.shape[0]}, num_classes], got shape {tuple(targets.shape)}")
-    if not 0.0 <= prob <= 1.0:
-        raise ValueError(f"prob must be in [0, 1], got {prob}")
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if prob == 0.0 or float(torch.rand((), generator=generator)) >= prob:
+    _check(images, targets, prob, beta)
+    drawn = _draw(images, prob, beta, generator)
+    if drawn is None:
         return images, targets, 1.0
-    beta_t = torch.tensor([float(beta)])
-    # torch.distributions has no generator argument: Beta(a, b) = Ga / (Ga + Gb) with seeded gammas.
-    gammas = torch._standard_gamma(beta_t.repeat(2), generator=generator)
-    lam = float(gammas[0] / gammas.sum())
-    height, width = images.shape[-2:]
-    y0, y1, x0, x1 = cutmix_box(height, width, lam, generator)
-    perm = torch.randperm(images.shape[0], generator=generator)
-    if images.device.type != "cpu":
-        perm = host_to_device(perm, images.device)
-    images[:, :, y0:y1, x0:x1] = images[perm, :, y0:y1, x0:x1]
-    lam = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
-    targets = lam * targets + (1.0 - lam) * targets[perm]
-    return images, targets, lam
+    return _paste(images, targets, *drawn)
+
+
+def token_cover(box, height: int, width: int, size: int, device=None) -> torch.Tensor:
+    """``[size * size]`` float32: the fraction of each token's patch (row-major, ``size x size``
+    patches tiling the ``height x width`` image) that lies inside the pixel box ``(y0, y1, x0, x1)``."""
+    y0, y1, x0, x1 = box
+
+    def overlap(low: int, high: int, extent: int) -> torch.Tensor:
+        edges = torch.arange(size + 1, dtype=torch.float64) * (extent / size)
+        return (torch.minimum(edges[1:], torch.tensor(float(high))) -
+                torch.maximum(edges[:-1], torch.tensor(float(low)))).clamp(min=0) / (extent / size)
+
+    cover = overlap(y0, y1, height)[:, None] * overlap(x0, x1, width)[None, :]
+    return cover.reshape(-1).to(device=device, dtype=torch.float32)
+
+
+def cutmix_batch_tokens(images: torch.Tensor, targets: torch.Tensor, token_targets: torch.Tensor, *,
+                        prob: float = 1.0, beta: float = 1.0, generator: torch.Generator | None = None):
+    """:func:`cutmix_batch` (the same draws, so the same boxes, partners and images for a seed) that
+    also cuts the box out of the token targets ``[B, S*S, C]``: a token whose patch lies inside the
+    box takes its partner's token target, one outside keeps its own, and one the box's edge crosses
+    mixes the two by the share of its patch inside the box (:func:`token_cover`). The class-token
+    targets mix by area as in :func:`cutmix_batch`. Returns ``(images, targets, token_targets, lam)``."""
+    _check(images, targets, prob, beta)
+    size = math.isqrt(token_targets.shape[1]) if token_targets.ndim == 3 else 0
+    if token_targets.ndim != 3 or token_targets.shape[0] != images.shape[0] or size * size != token_targets.shape[1]:
+        raise ValueError(f"token_targets: expected [B={images.shape[0]}, S*S, num_classes], got shape "
+                         f"{tuple(token_targets.shape)}")
+    drawn = _draw(images, prob, beta, generator)
+    if drawn is None:
+        return images, targets, token_targets, 1.0
+    box, perm = drawn
+    cover = token_cover(box, *images.shape[-2:], size, device=token_targets.device).view(1, -1, 1)
+    token_targets = (1.0 - cover) * token_targets + cover * token_targets[perm]
+    images, targets, lam = _paste(images, targets, box, perm)
+    return images, targets, token_targets, lam

@@ -21,7 +21,7 @@ from relabel_dali.atomic import disk_full_error, is_disk_full
 from relabel_dali.config import Config, ConfigError
 from relabel_dali.data.transfer import host_to_device
 from relabel_dali.train.distributed import DistEnv, all_reduce_sum
-from relabel_dali.train.losses import smooth_targets, soft_target_cross_entropy
+from relabel_dali.train.losses import smooth_targets, soft_target_cross_entropy, token_label_loss
 from relabel_dali.train.metrics import AccuracyMeter, RealLabels, load_real_labels
 from relabel_dali.progress import progress
 from relabel_dali.data.settings import DataSettings
@@ -30,7 +30,7 @@ from relabel_dali.data.settings import DataSettings
 # ---- data --------------------------------------------------------------------------------------
 @dataclass
 class Data:
-    train: object  # loader.DaliLoader: dicts {"images", "targets", "labels", "boxes", "indices"}
+    train: object  # loader.DaliLoader: dicts {"images", "targets", "labels", "boxes", "indices"[, "token_targets", "mirror"]}
     val: object  # iterable of dicts {"images", "labels", "indices", "valid"}
     val_keys: list[str]  # validation sample keys, indexed by the batches' "indices"
 
@@ -184,7 +184,7 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, cfg: Config, epo
     generator = torch.Generator().manual_seed(epoch_seed(cfg.compute.seed, epoch, env.rank))
     use_cutmix = cutmix_active(cfg, epoch)
     if use_cutmix:
-        from relabel_dali.train.cutmix import cutmix_batch
+        from relabel_dali.train.cutmix import cutmix_batch, cutmix_batch_tokens
     steps = len(loader)
     bar = progress(steps, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="it",
                    disable=not (env.is_main and cfg.util.progress), leave=False)
@@ -201,14 +201,25 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, cfg: Config, epo
         wait_s += fetched - last
         images, batch = to_device(batch, env.device, cfg.model.channels_last, cfg.compute.amp)
         targets = on_device(batch["targets"], env.device).float()
-        if use_cutmix:
+        tokens = batch.get("token_targets")
+        if tokens is not None:  # token labels (data.relabel.token_size): LV-ViT's two losses
+            tokens = on_device(tokens, env.device).float()
+            if use_cutmix:
+                images, targets, tokens, _ = cutmix_batch_tokens(images, targets, tokens, prob=cfg.data.cutmix.prob,
+                                                                 beta=cfg.data.cutmix.beta, generator=generator)
+        elif use_cutmix:
             images, targets, _ = cutmix_batch(images, targets, prob=cfg.data.cutmix.prob,
                                               beta=cfg.data.cutmix.beta, generator=generator)
         targets = smooth_targets(targets, cfg.optim.label_smoothing)
         lr = schedule.step()
         with autocast(env.device, cfg.compute.amp):
             logits = model(images)
-        loss = soft_target_cross_entropy(logits, targets)
+        if tokens is not None:
+            logits, token_logits = logits
+            loss = token_label_loss(logits, token_logits, targets, smooth_targets(tokens, cfg.optim.label_smoothing),
+                                    cfg.optim.token_loss_weight)
+        else:
+            loss = soft_target_cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

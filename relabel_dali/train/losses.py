@@ -34,14 +34,33 @@ def compact_soft_target_cross_entropy(logits: torch.Tensor, targets: CompactTarg
     return -(present_term + rest_term).mean()
 
 
+def token_label_loss(logits: torch.Tensor, token_logits: torch.Tensor, targets: torch.Tensor,
+                     token_targets: torch.Tensor | CompactTargets, token_weight: float) -> torch.Tensor:
+    """TokenLabeling's loss (LV-ViT): the class token's soft-target cross-entropy on the crop's
+    target plus ``token_weight`` times the mean over every token of the batch of the per-token
+    soft-target cross-entropy. ``logits [B, C]``, ``token_logits [B, T, C]`` (the auxiliary head
+    over the patch tokens), ``targets [B, C]``, ``token_targets [B, T, C]`` dense or compact."""
+    if token_logits.ndim != 3 or token_logits.shape[0] != logits.shape[0]:
+        raise ValueError(f"token_logits: expected [B={logits.shape[0]}, T, C], got {tuple(token_logits.shape)}")
+    if isinstance(token_targets, CompactTargets):
+        token_loss = compact_soft_target_cross_entropy(token_logits, token_targets)
+    else:
+        if token_logits.shape != token_targets.shape:
+            raise ValueError(f"token_logits shape {tuple(token_logits.shape)} and token_targets shape "
+                             f"{tuple(token_targets.shape)} differ")
+        token_loss = soft_target_cross_entropy(token_logits.flatten(0, 1), token_targets.flatten(0, 1))
+    return soft_target_cross_entropy(logits, targets) + token_weight * token_loss
+
+
 def smooth_targets(targets: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """t * (1 - s) + s / C over all C classes (the official smoothing of soft targets). It is
+    """t * (1 - s) + s / C over all C classes, the last dimension (the official smoothing of soft
+    targets; token targets [B, T, C] alike). It is
     linear, so smoothing before or after CutMix's convex mix gives the same targets."""
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"optim.label_smoothing must be in [0, 1), got {smoothing}")
     if smoothing == 0.0:
         return targets
-    return targets * (1.0 - smoothing) + smoothing / targets.shape[1]
+    return targets * (1.0 - smoothing) + smoothing / targets.shape[-1]
 
 
 def one_hot_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Models: any torchvision architecture by name, or any timm model as ``timm:NAME``; randomly
-initialised, BN set from the config."""
+initialised, BN set from the config; with token labels a timm ViT with an auxiliary per-token head."""
 from __future__ import annotations
 
 import difflib
@@ -27,7 +27,48 @@ def build_model(cfg: Config) -> torch.nn.Module:
                              f"'timm:NAME')" + (f"; closest: {close}" if close else ""))
         model = torchvision.models.get_model(arch, weights=None, num_classes=cfg.data.num_classes, **kwargs)
     set_batchnorm(model, momentum=cfg.optim.bn.momentum, eps=cfg.optim.bn.eps)
+    if cfg.data.relabel.token_size:
+        model = TokenLabelModel(model, cfg.data.num_classes, cfg.data.relabel.token_size, arch)
     return model
+
+
+class TokenLabelModel(torch.nn.Module):
+    """A timm vision transformer with TokenLabeling's auxiliary head: one linear layer, shared by
+    all patch tokens, from each token's final features to class logits (LV-ViT's ``aux_head``).
+
+    In training mode ``forward`` returns ``(logits [B, C], token_logits [B, S*S, C])``: the class
+    token's head (the model's own ``forward_head``) and the auxiliary head on the patch tokens of
+    ``forward_features``, past the model's ``num_prefix_tokens`` (class, distillation, register
+    tokens). In evaluation mode it returns the class logits only, so evaluation, test-only runs and
+    ReaL use the class token alone. One ``forward`` for both keeps DDP's gradient hooks in the path.
+    The state dict holds ``backbone.*`` (the timm model's own names) and ``aux_head.*``."""
+
+    def __init__(self, backbone: torch.nn.Module, num_classes: int, token_size: int, arch: str = "model"):
+        super().__init__()
+        for needed in ("forward_features", "forward_head", "num_prefix_tokens"):
+            if not hasattr(backbone, needed):
+                raise ConfigError(f"data.relabel.token_size {token_size}: model.arch {arch!r} has no "
+                                  f"{needed}: token labels need a timm vision transformer (e.g. "
+                                  "timm:deit_small_patch16_224)")
+        grid = tuple(getattr(getattr(backbone, "patch_embed", None), "grid_size", ()) or ())
+        if grid != (token_size, token_size):
+            raise ConfigError(f"data.relabel.token_size {token_size}: model.arch {arch!r} has a patch grid of "
+                              f"{grid or 'unknown size'}; token_size must equal its tokens per side "
+                              "(data.image_size / patch size)")
+        self.backbone = backbone
+        self.num_prefix_tokens = int(backbone.num_prefix_tokens)
+        self.aux_head = torch.nn.Linear(backbone.num_features, num_classes)
+
+    def forward(self, images: torch.Tensor):
+        features = self.backbone.forward_features(images)
+        logits = self.backbone.forward_head(features)
+        if not self.training:
+            return logits
+        return logits, self.aux_head(features[:, self.num_prefix_tokens:])
+
+    def no_weight_decay(self) -> set[str]:
+        named = getattr(self.backbone, "no_weight_decay", None)
+        return {f"backbone.{name}" for name in (named() if callable(named) else ())}
 
 
 def build_timm_model(name: str, num_classes: int, kwargs: dict, image_size: int | None = None) -> torch.nn.Module:
