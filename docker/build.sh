@@ -2,10 +2,14 @@
 # Builds the training image with whichever of docker / podman / buildah is installed and prints
 # its size and build time. Run from anywhere; the build context is the repository root.
 #
-#   docker/build.sh [--flavour cuda|cpu] [--tag TAG] [--base IMAGE] [--dali-variant VARIANT]
+#   docker/build.sh [--flavour cuda|cuda-debian|cpu] [--tag TAG] [--base IMAGE] [--dali-variant VARIANT]
 #                   [--cuda-archs "80;90"] [--pip-ca FILE] [--tool docker|podman|buildah]
 #
 #   --flavour cuda   (default) CUDA 13 PyTorch base named in docker/Dockerfile; tag relabel_dali:cuda
+#   --flavour cuda-debian
+#                    the CUDA flavour without any image registry: the plain base below, torch from the
+#                    package registry, nvcc and the CUDA headers as registry wheels (CUDA_WHEELS=1);
+#                    the operator's CUDA backend is compiled for --cuda-archs; tag relabel_dali:cuda-debian
 #   --flavour cpu    plain Python base relabel_dali-base:bookworm, made by docker/make_base.sh when
 #                    missing (needs root and debootstrap); tag relabel_dali:cpu
 #   --base IMAGE     any other base image (overrides the flavour's)
@@ -46,8 +50,9 @@ done
 
 case "$flavour" in
   cuda) tag=${tag:-relabel_dali:cuda} ;;
-  cpu) tag=${tag:-relabel_dali:cpu}; cpu_base=relabel_dali-base:bookworm; base=${base:-$cpu_base} ;;
-  *) die_usage "--flavour must be cuda or cpu, not '$flavour'" ;;
+  cuda-debian) tag=${tag:-relabel_dali:cuda-debian}; plain_base=relabel_dali-base:bookworm; base=${base:-$plain_base} ;;
+  cpu) tag=${tag:-relabel_dali:cpu}; plain_base=relabel_dali-base:bookworm; base=${base:-$plain_base} ;;
+  *) die_usage "--flavour must be cuda, cuda-debian or cpu, not '$flavour'" ;;
 esac
 if [[ -n "$dali_variant" && ! "$dali_variant" =~ ^cuda[0-9]+$ ]]; then
   die_usage "--dali-variant must look like cuda130, not '$dali_variant'"
@@ -69,7 +74,7 @@ image_exists() {
   esac
 }
 
-if [[ "$flavour" == cpu && "$base" == "${cpu_base:-}" ]] && ! image_exists "$base"; then
+if [[ -n "${plain_base:-}" && "$base" == "$plain_base" ]] && ! image_exists "$base"; then
   echo "build.sh: base $base is missing: making it with docker/make_base.sh"
   CONTAINER_TOOL=$tool "$here/make_base.sh" --name "$base"
 fi
@@ -78,6 +83,7 @@ args=(-f "$root/docker/Dockerfile" -t "$tag")
 [[ -n "$base" ]] && args+=(--build-arg "BASE_IMAGE=$base")
 [[ -n "$dali_variant" ]] && args+=(--build-arg "DALI_VARIANT=$dali_variant")
 [[ -n "$cuda_archs" ]] && args+=(--build-arg "CUDA_ARCHS=$cuda_archs")
+[[ "$flavour" == cuda-debian ]] && args+=(--build-arg "CUDA_WHEELS=1")
 [[ -n "$pip_ca" ]] && args+=(--secret "id=pip_ca,src=$pip_ca")
 
 case "$tool" in
