@@ -2,16 +2,21 @@
 # Smoke test of a built image on the CPU, as an arbitrary user and without writing into the image:
 #
 #   docker/smoke.sh [--image TAG] [--tool docker|podman|buildah] [--user UID:GID]
-#                   [--shm-size SIZE] [--workdir DIR] [--keep]
+#                   [--shm-size SIZE] [--workdir DIR] [--keep] [--cuda]
 #
-#   1. pytest: a fast subset of the test suite inside the container (operator, pooling, shards,
+#   1. operator: docker/check_operator.py in the image: the prebuilt plugin and C ABI library load
+#      from the image's cache (nothing compiled) and register LabelPool; with --cuda (a CUDA
+#      image) also for DALI's GPU backend, with the C ABI's CUDA entry point, and both libraries
+#      hold SASS for every arch of RELABEL_DALI_CUDA_ARCHS and PTX for the newest. No GPU needed:
+#      nothing runs on one;
+#   2. pytest: a fast subset of the test suite inside the container (operator, pooling, shards,
 #      packing, configuration);
-#   2. demo data: tools/make_demo_data.py and tools/pack_labels.py write the demo-sized data set
+#   3. demo data: tools/make_demo_data.py and tools/pack_labels.py write the demo-sized data set
 #      and its label shards into a mounted folder;
-#   3. train: the image's entrypoint (torchrun) trains configs/demo.yaml for 1 epoch on it, with
+#   4. train: the image's entrypoint (torchrun) trains configs/demo.yaml for 1 epoch on it, with
 #      SIZE of shared memory, and must leave its last checkpoint in the mounted output folder;
-#   4. pack_labels --help answers;
-#   5. (buildah) the container's own layer holds no file outside /tmp.
+#   5. pack_labels --help answers;
+#   6. (buildah) the container's own layer holds no file outside /tmp.
 #
 # Defaults: --image relabel_dali:cpu, --user 4242:4242 (no such user in the image), --shm-size 1g,
 # --workdir a new folder under ${TMPDIR:-/var/tmp}, removed afterwards unless --keep.
@@ -24,6 +29,7 @@ user=4242:4242
 shm=1g
 workdir=""
 keep=0
+cuda=0
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 die_usage() { echo "smoke.sh: $1 (see --help)" >&2; exit 2; }
@@ -37,6 +43,7 @@ while [[ $# -gt 0 ]]; do
     --shm-size) need_value "$@"; shm=$2; shift 2 ;;
     --workdir) need_value "$@"; workdir=$2; shift 2 ;;
     --keep) keep=1; shift ;;
+    --cuda) cuda=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die_usage "unknown argument '$1'" ;;
   esac
@@ -98,6 +105,10 @@ step() {  # step NAME COMMAND...: runs it, records PASS/FAIL with its time
   return 0
 }
 
+operator_backends() {
+  if [[ $cuda -eq 1 ]]; then run_in python docker/check_operator.py --cuda; else run_in python docker/check_operator.py; fi
+}
+
 pytest_subset() {
   run_in python -m pytest -q -p no:cacheprovider -m "not slow and not gpu" \
     tests/test_ops.py tests/test_pooling.py tests/test_shards.py tests/test_pack_labels.py \
@@ -144,7 +155,8 @@ nothing_written_outside_tmp() {
   [[ -z "$found" ]] || { echo "smoke.sh: written into the container outside /tmp:" >&2; head -n 20 <<<"$found" >&2; return 1; }
 }
 
-echo "smoke.sh: image $image, tool $tool, user $user, shm $shm, workdir $workdir"
+echo "smoke.sh: image $image, tool $tool, user $user, shm $shm, workdir $workdir, CUDA backend expected: $cuda"
+step "operator backends$([[ $cuda -eq 1 ]] && echo ' (CPU and CUDA)')" operator_backends
 step "pytest fast subset" pytest_subset
 step "demo data and label shards" demo_data
 if [[ -f "$workdir/data/manifest.json" ]]; then

@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -67,11 +68,16 @@ def test_dockerfile_installs_only_through_the_makefile_recipe():
     for run in runs:
         assert "-m venv" not in run, f"the Dockerfile makes its own venv: {run}"
         installs = re.findall(r"(?:\bpip3? install|-m pip install)((?: -\S+)*) (\S+)", run)
-        # The one exception: the CUDA crt headers, only where the base has no CUDA toolkit.
-        assert all(package.startswith('"nvidia-cuda-crt==') for _, package in installs), \
-            f"a second install recipe in the Dockerfile: {run}"
+        # The exceptions, both only where the base has no CUDA toolkit: the CUDA crt headers (CPU
+        # flavour), and nvcc with the CUDA headers as the wheels tools/cuda_wheels.py names
+        # (the recipe of `make cuda-wheels`), with CUDA_WHEELS=1.
+        for _, package in installs:
+            assert package.startswith('"nvidia-cuda-crt==') or package == "${wheels}", \
+                f"a second install recipe in the Dockerfile: {run}"
         if installs:
             assert "if ! command -v nvcc" in run
+        if any(package == "${wheels}" for _, package in installs):
+            assert 'wheels=$(python tools/cuda_wheels.py --dali-variant ${DALI_VARIANT})' in run
     words = make_install_words()
     assignments = dict(word.split("=", 1) for word in words)
     assert assignments["VENV_ARGS"] == "--system-site-packages"  # reuses the base image's torch
@@ -226,7 +232,7 @@ def test_build_help_and_bad_arguments(fakebin, tmp_path):
     fake_docker(fakebin)
     result = run_script("build.sh", ["--help"], fakebin, log)
     assert result.returncode == 0 and "--flavour cuda" in result.stdout
-    for args, message in ((["--flavour", "gpu"], "--flavour must be cuda or cpu, not 'gpu'"),
+    for args, message in ((["--flavour", "gpu"], "--flavour must be cuda, cuda-debian or cpu, not 'gpu'"),
                           (["--bogus"], "unknown argument '--bogus'"),
                           (["--tag"], "--tag needs a value"),
                           (["--dali-variant", "cu13"], "--dali-variant must look like cuda130"),
@@ -293,6 +299,7 @@ for ((i = 0; i < ${{#args[@]}}; i++)); do
 done
 case "$*" in
   *"-m pytest"*) exit ${{FAKE_PYTEST_RC:-0}} ;;
+  *check_operator.py*) exit ${{FAKE_OPERATOR_RC:-0}} ;;
   *make_demo_data.py*) mkdir -p "$host/data" && echo {{}} > "$host/data/manifest.json" ;;
   *"pack_labels.py --help"*) echo "usage: pack_labels.py [-h]" ;;
   *relabel-train*) [[ -n "${{FAKE_NO_CHECKPOINT:-}}" ]] || {{ mkdir -p "$host/runs" && echo x > "$host/runs/checkpoint-last.pth"; }} ;;
@@ -318,9 +325,11 @@ def test_smoke_passes_when_every_step_does(fakebin, tmp_path):
     log, work = tmp_path / "log", tmp_path / "work"
     result = run_script("smoke.sh", ["--image", "img:1", "--workdir", str(work), "--keep"], fakebin, log)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("PASS  ") == 4 and "smoke.sh: PASS" in result.stdout
+    assert result.stdout.count("PASS  ") == 5 and "smoke.sh: PASS" in result.stdout
     runs = [line.split() for line in recorded(log) if line.startswith("docker run")]
-    assert len(runs) == 5  # pytest, data, pack, train, --help
+    assert len(runs) == 6  # operator, pytest, data, pack, train, --help
+    operator = next(words for words in runs if "docker/check_operator.py" in words)
+    assert "--cuda" not in operator  # a CPU image passes without the CUDA backend
     for words in runs:
         assert words[words.index("--user") + 1] == "4242:4242"
         assert "--read-only" in words and words[words.index("--shm-size") + 1] == "1g"
@@ -332,6 +341,7 @@ def test_smoke_passes_when_every_step_does(fakebin, tmp_path):
 
 
 @pytest.mark.parametrize("failure, step", [({"FAKE_PYTEST_RC": "3"}, "FAIL  pytest fast subset (exit 3"),
+                                           ({"FAKE_OPERATOR_RC": "1"}, "FAIL  operator backends (exit 1"),
                                            ({"FAKE_NO_CHECKPOINT": "1"}, "FAIL  train 1 epoch")])
 def test_smoke_fails_when_a_step_fails(fakebin, tmp_path, failure, step):
     make_tool(fakebin, "docker", FAKE_RUN)
@@ -433,7 +443,7 @@ def test_smoke_with_buildah_checks_the_container_layer(fakebin, tmp_path):
     log = tmp_path / "log"
     result = run_script("smoke.sh", ["--workdir", str(tmp_path / "w1")], fakebin, log, extra_env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "PASS  nothing written outside /tmp" in result.stdout and result.stdout.count("PASS  ") == 5
+    assert "PASS  nothing written outside /tmp" in result.stdout and result.stdout.count("PASS  ") == 6
     runs = [line.split() for line in recorded(log) if line.startswith("buildah run")]
     assert runs and all(words[words.index("--user") + 1] == "4242:4242" and "fake-container" in words
                         for words in runs)
@@ -444,3 +454,193 @@ def test_smoke_with_buildah_checks_the_container_layer(fakebin, tmp_path):
     result = run_script("smoke.sh", ["--workdir", str(tmp_path / "w2")], fakebin, log, extra_env=env)
     assert result.returncode == 1
     assert "FAIL  nothing written outside /tmp" in result.stdout and "/etc/written" in result.stderr
+
+
+# ---- the CUDA flavour on a plain base (CUDA_WHEELS=1) ----
+
+def cuda_wheels_run() -> str:
+    """The shell of the RUN that installs the registry's nvcc wheels (its secret mount dropped)."""
+    (run,) = [rest for op, rest in dockerfile_instructions() if op == "RUN" and "CUDA_WHEELS" in rest
+              and "cuda_wheels.py" in rest]
+    return re.sub(r"^--mount=\S+\s+", "", run)
+
+
+FAKE_PYTHON = f"""{RECORD}
+if [[ "$1" == -c && "$2" == *"import torch"* ]]; then echo "torch==2.15.0+cu130"
+elif [[ "$1" == tools/cuda_wheels.py ]]; then printf "%s" "$FAKE_WHEELS"
+elif [[ "$1 $2 $3" == "-m pip install" ]]; then echo "constraint: $(cat "$PIP_CONSTRAINT")" >> "$FAKE_LOG"
+fi"""
+
+
+def run_cuda_wheels_step(fakebin, tmp_path, cuda_wheels: str, wheels: str):
+    make_tool(fakebin, "python", FAKE_PYTHON)
+    make_tool(fakebin, "nvcc", "exit 0")  # a base with a toolkit: the CPU flavour's crt step is skipped
+    for tool in ("rm", "cat", "basename"):
+        (fakebin / tool).symlink_to(shutil.which(tool))
+    log = tmp_path / "log"
+    script = cuda_wheels_run().replace("/tmp/", f"{tmp_path}/")
+    env = {"PATH": str(fakebin), "FAKE_LOG": str(log), "FAKE_WHEELS": wheels, "CUDA_WHEELS": cuda_wheels,
+           "DALI_VARIANT": "cuda130"}
+    result = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    return result, recorded(log)
+
+
+def test_cuda_wheels_step_installs_what_cuda_wheels_py_names_with_torch_pinned(fakebin, tmp_path):
+    wheels = "cuda-toolkit[nvcc,cccl]==13.0.2"
+    result, calls = run_cuda_wheels_step(fakebin, tmp_path, "1", wheels)
+    assert result.returncode == 0, result.stderr
+    assert "python tools/cuda_wheels.py --dali-variant cuda130" in calls
+    assert f"python -m pip install -q {wheels}" in calls
+    assert "constraint: torch==2.15.0+cu130" in calls  # the wheels never replace the installed torch
+    assert not (tmp_path / "torch-pin.txt").exists()
+
+
+def test_cuda_wheels_step_fails_when_the_registry_has_no_nvcc(fakebin, tmp_path):
+    result, calls = run_cuda_wheels_step(fakebin, tmp_path, "1", "")
+    assert result.returncode != 0
+    assert "CUDA_WHEELS=1: the registry has no nvcc for this torch" in result.stderr
+    assert not any("pip install" in call for call in calls)
+
+
+def test_cuda_wheels_step_is_off_by_default(fakebin, tmp_path):
+    assert dockerfile_args()["CUDA_WHEELS"] == "0"
+    result, calls = run_cuda_wheels_step(fakebin, tmp_path, "0", "nvidia-cuda-nvcc==13.0.*")
+    assert result.returncode == 0, result.stderr
+    assert calls == []  # nvcc on PATH: neither the wheels nor the crt headers
+
+
+def test_cuda_wheels_make_the_build_require_the_cuda_backend():
+    runs = [rest for op, rest in dockerfile_instructions() if op == "RUN"]
+    check = next(run for run in runs if "check_cuda.py" in run)
+    assert '$([ "${CUDA_WHEELS}" = 1 ] && echo --require-cuda)' in check
+    build = next(run for run in runs if "load_operators()" in run)
+    assert 'python docker/check_operator.py $([ "${CUDA_WHEELS}" = 1 ] && echo --cuda)' in build
+    # the check comes before the cache is made readable: a failed check fails the build
+    assert build.index("check_operator.py") < build.index("chmod -R a+rX")
+    copies = " ".join(rest for op, rest in dockerfile_instructions() if op == "COPY")
+    for script in ("docker/check_cuda.py", "docker/check_fatbin.py", "docker/check_operator.py",
+                   "tools/cuda_wheels.py"):
+        assert script in copies
+
+
+def test_cuda_archs_reach_the_operator_build_as_sm_80_sm_90_and_ptx():
+    from relabel_dali.ops import build as ops
+
+    args = dockerfile_args()
+    assert args["CUDA_ARCHS"] == "80;90"
+    env = {}
+    for op, rest in dockerfile_instructions():
+        if op == "ENV":
+            env.update(dict(re.findall(r"(\w+)=(\S+)", rest)))
+    assert env["RELABEL_DALI_CUDA_ARCHS"] == "${CUDA_ARCHS}"  # the variable build.py reads
+    flags = ops.nvcc_gencode(args["CUDA_ARCHS"].split(";"))
+    assert flags == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=[sm_90,compute_90]"]
+
+
+def test_build_cuda_debian_flavour(fakebin, tmp_path):
+    log = tmp_path / "log"
+    fake_docker(fakebin, daemon=False)
+    fake_buildah(fakebin)
+    result = run_script("build.sh", ["--flavour", "cuda-debian", "--cuda-archs", "80;90;100"], fakebin, log)
+    assert result.returncode == 0, result.stderr
+    bud = next(line.split() for line in recorded(log) if line.startswith("buildah bud"))
+    assert "BASE_IMAGE=relabel_dali-base:bookworm" in bud and "CUDA_WHEELS=1" in bud
+    assert "CUDA_ARCHS=80;90;100" in bud and bud[bud.index("-t") + 1] == "relabel_dali:cuda-debian"
+    for flavour in ("cuda", "cpu"):  # only this flavour takes nvcc from the registry
+        run_script("build.sh", ["--flavour", flavour], fakebin, log)
+    assert sum("CUDA_WHEELS=1" in line for line in recorded(log) if line.startswith("buildah bud")) == 1
+
+
+def test_smoke_cuda_asks_for_the_cuda_backend(fakebin, tmp_path):
+    make_tool(fakebin, "docker", FAKE_RUN)
+    log = tmp_path / "log"
+    result = run_script("smoke.sh", ["--cuda", "--image", "relabel_dali:cuda-debian"], fakebin, log)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS  operator backends (CPU and CUDA)" in result.stdout
+    operator = next(line.split() for line in recorded(log) if "check_operator.py" in line)
+    assert operator[-2:] == ["docker/check_operator.py", "--cuda"]
+
+
+# ---- check_fatbin.py (a synthetic library: no nvcc needed) ----
+
+def load_docker_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, DOCKER / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fatbin(entries: list[tuple[int, int]]) -> bytes:
+    """One fat binary as nvcc lays it out: header, then (kind, arch) entries with 8-byte payloads."""
+    body = b""
+    for kind, arch in entries:
+        header = struct.pack("<HHIQIIHHI", kind, 0x0101, 64, 8, 0, 0, 0, 0, arch).ljust(64, b"\0")
+        body += header + b"payload!"
+    return struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(body)) + body
+
+
+def elf_with_sections(sections: dict[str, bytes]) -> bytes:
+    """A minimal 64-bit little-endian ELF file holding ``sections`` (and its name table)."""
+    names = b"\0" + b"".join(name.encode() + b"\0" for name in [".shstrtab", *sections])
+    blobs = [names, *sections.values()]
+    data = bytearray(64)
+    offsets = []
+    for blob in blobs:
+        offsets.append(len(data))
+        data += blob + b"\0" * (-len(blob) % 8)
+    shoff = len(data)
+    data += b"\0" * 64  # the null section
+    name_at = 1
+    for name, blob, offset in zip([".shstrtab", *sections], blobs, offsets):
+        data += struct.pack("<IIQQQQIIQQ", name_at, 1, 0, 0, offset, len(blob), 0, 0, 8, 0)
+        name_at += len(name) + 1
+    data[:64] = (b"\x7fELF\x02\x01\x01" + b"\0" * 9 + struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 0, shoff, 0, 64,
+                                                                   0, 0, 64, len(blobs) + 1, 1))
+    return bytes(data)
+
+
+class TestCheckFatbin:
+    def write(self, tmp_path, sections) -> Path:
+        library = tmp_path / "library.so"
+        library.write_bytes(elf_with_sections(sections))
+        return library
+
+    def test_lists_sass_and_ptx_of_every_fat_binary(self, tmp_path):
+        check = load_docker_script("check_fatbin")
+        # two objects' fat binaries, the second after alignment padding, as in a linked library
+        section = fatbin([(2, 80), (2, 90), (1, 90)]) + b"\0" * 8 + fatbin([(2, 80), (2, 90), (1, 90)])
+        assert check.fatbin_entries(section) == [("SASS", 80), ("SASS", 90), ("PTX", 90)] * 2
+        library = self.write(tmp_path, {".text": b"code", ".nv_fatbin": section})
+        assert check.elf_section(library.read_bytes(), ".nv_fatbin") == section
+        result = subprocess.run([sys.executable, str(DOCKER / "check_fatbin.py"), str(library), "--archs", "80;90"],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert "6 device code entries: sm_80 SASS, compute_90 PTX, sm_90 SASS" in result.stdout
+
+    @pytest.mark.parametrize("entries, lacking", [
+        ([(2, 80), (2, 90)], ["PTX compute_90"]),
+        ([(2, 90), (1, 90)], ["SASS sm_80"]),
+        ([(2, 80), (2, 90), (1, 80)], ["PTX compute_90"]),  # PTX must be the newest arch's
+        ([(2, 75)], ["SASS sm_80", "SASS sm_90", "PTX compute_90"]),
+    ])
+    def test_missing_entries(self, entries, lacking):
+        check = load_docker_script("check_fatbin")
+        assert check.missing(check.fatbin_entries(fatbin(entries)), [80, 90]) == lacking
+
+    def test_a_library_without_device_code_fails_the_arch_check(self, tmp_path):
+        library = self.write(tmp_path, {".text": b"code"})
+        script = [sys.executable, str(DOCKER / "check_fatbin.py"), str(library)]
+        listed = subprocess.run(script, capture_output=True, text=True)
+        assert listed.returncode == 0 and "0 device code entries: none (no CUDA code)" in listed.stdout
+        checked = subprocess.run([*script, "--archs", "80;90"], capture_output=True, text=True)
+        assert checked.returncode == 1
+        assert "lacks SASS sm_80, SASS sm_90, PTX compute_90" in checked.stderr
+
+    @pytest.mark.parametrize("args, code, message", [(["--archs", "sm_90"], 2, "expected compute capabilities"),
+                                                     ([], 2, "not a 64-bit little-endian ELF file")])
+    def test_bad_input(self, tmp_path, args, code, message):
+        text = tmp_path / "notes.txt"
+        text.write_text("not a library")
+        result = subprocess.run([sys.executable, str(DOCKER / "check_fatbin.py"), str(text), *args],
+                                capture_output=True, text=True)
+        assert result.returncode == code and message in result.stderr
