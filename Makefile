@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed-dali-$(DALI_VARIANT)-$(DALI_VERSION)
 # The registry's default torch build (CUDA) is wanted: a local CPU-only wheel cannot load torchvision.
 PIP := PIP_FIND_LINKS= $(BIN)/python -m pip
 
-.PHONY: install demo demo-data demo-labels ablation test bench bench-loader check-demo clean-venv clean-demo
+.PHONY: install demo demo-data demo-labels demo-tokens ablation test bench bench-loader check-demo clean-venv clean-demo
 
 install: $(STAMP)
 
@@ -111,6 +111,17 @@ demo-labels: demo-data
 demo: demo-labels
 	$(BIN)/python tools/ablate.py --config configs/demo.yaml --methods softmax onehot --seeds $(DEMO_SEEDS) \
 		--out $(DEMO_RUNS) --title "make demo: ReLabel vs one-hot labels" --replace-stale $(if $(DEMO_REPORT),--report $(DEMO_REPORT)) -- \
+		--data.data_path $(DEMO_DIR)/data --data.relabel.path $(DEMO_LABELS) $(DEMO_TRAIN_ARGS)
+
+# Token labels on a tiny ViT (configs/demo_tokens.yaml): token labels, ReLabel (class token only) and
+# one-hot labels with the same recipe and seed, side by side; the report goes to DEMO_TOKENS_REPORT.md
+# and its copy in docs/TRAINING.md.
+DEMO_TOKENS_RUNS ?= runs/demo_tokens
+DEMO_TOKENS_REPORT ?= $(if $(filter imagenet,$(DEMO_CLASSES)),,docs/results/demo_tokens)
+demo-tokens: demo-labels
+	$(BIN)/python tools/ablate.py --config configs/demo_tokens.yaml --methods tokens softmax onehot --seeds 1 \
+		--out $(DEMO_TOKENS_RUNS) --title "make demo-tokens: token labels vs ReLabel vs one-hot (tiny ViT)" \
+		--replace-stale $(if $(DEMO_TOKENS_REPORT),--report $(DEMO_TOKENS_REPORT)) -- \
 		--data.data_path $(DEMO_DIR)/data --data.relabel.path $(DEMO_LABELS) $(DEMO_TRAIN_ARGS)
 
 # The paper's Table 2 in miniature on the demo data: four label types and one-hot, ABLATION_SEEDS

@@ -71,6 +71,12 @@ METHODS = {
     "global_argmax": ("global single-label", None),
     ONEHOT: ("original one-hot", 77.5),
 }
+# Token labeling (TokenLabeling / LV-ViT), for a timm ViT student: ReLabel's softmax targets for the
+# class token plus S x S token targets for an auxiliary per-token head (data.relabel.token_size S,
+# the student's patch grid). Not among the default methods (make demo-tokens asks for it).
+TOKENS = "tokens"
+TOKEN_METHODS = {TOKENS: ("token labels (class token + tokens)", None)}
+ALL_METHODS = {**METHODS, **TOKEN_METHODS}
 # Train-time settings every run gets first (the user's overrides come after and win).
 RUN_DEFAULTS = ("--util.progress", "false")
 # What two x86-64 machines running the same commit may otherwise do differently (measured in
@@ -136,8 +142,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         argv, overrides = argv[:at], argv[at + 1:]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml", help="train.py config file")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                        help="pool modes to compare, and 'onehot' for the original labels (default: all five)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(ALL_METHODS),
+                        help="pool modes to compare, 'onehot' for the original labels, 'tokens' for token labels "
+                             "(a timm ViT student; default: the five label types)")
     parser.add_argument("--seeds", type=int, default=5, help="runs per method, seeds 0..N-1 (default 5)")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"), help="folder for the runs and results")
@@ -158,8 +165,31 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
+def token_grid(config: Path, overrides: list[str]) -> int:
+    """Tokens per side of the recipe's student (a timm ViT): its patch grid at data.image_size."""
+    from relabel_dali.train.models import TIMM_PREFIX, build_timm_model
+
+    cfg, _ = parse_command_line(["--config-file-path", str(config), *overrides])
+    arch = cfg.model.arch
+    grid = None
+    if arch.startswith(TIMM_PREFIX):
+        model = build_timm_model(arch.removeprefix(TIMM_PREFIX), cfg.data.num_classes, dict(cfg.model.kwargs),
+                                 image_size=cfg.data.image_size)
+        grid = tuple(getattr(getattr(model, "patch_embed", None), "grid_size", ()) or ())
+    if not grid or grid[0] != grid[1]:
+        raise ConfigError(f"--methods {TOKENS}: model.arch {arch!r} has no square patch grid; token labels need a "
+                          "timm vision transformer")
+    return int(grid[0])
+
+
 def train_argv(config: Path, method: str, seed: int, run_dir: Path, overrides: list[str]) -> list[str]:
-    label_flags = ["--data.relabel.use", "false"] if method == ONEHOT else ["--data.relabel.pool_mode", method]
+    if method == ONEHOT:
+        label_flags = ["--data.relabel.use", "false"]
+    elif method == TOKENS:
+        label_flags = ["--data.relabel.pool_mode", "softmax", "--data.relabel.token_size",
+                       str(token_grid(config, overrides))]
+    else:
+        label_flags = ["--data.relabel.pool_mode", method]
     return ["--config-file-path", str(config), *RUN_DEFAULTS, *overrides, *label_flags,
             "--compute.seed", str(seed), "--util.output_dir", str(run_dir)]
 
@@ -267,8 +297,8 @@ def run_all(args, overrides: list[str], loads: list[float] | None = None) -> lis
     results = []
     for number, (method, seed) in enumerate(plan, 1):
         run_dir = args.out / method / f"seed{seed}"
-        argv = train_argv(args.config, method, seed, run_dir, overrides)
         try:
+            argv = train_argv(args.config, method, seed, run_dir, overrides)
             wanted = to_plain(parse_command_line(argv)[0])
         except ConfigError as error:
             raise AblationError(str(error)) from None
@@ -316,7 +346,7 @@ def summarize(results: list[RunResult], methods: list[str]) -> list[dict]:
     rows = []
     for method in methods:
         runs = [r for r in results if r.method == method]
-        row = {"method": method, "labels": METHODS[method][0], "paper_top1": METHODS[method][1],
+        row = {"method": method, "labels": ALL_METHODS[method][0], "paper_top1": ALL_METHODS[method][1],
                "runs": len(runs), "seeds": [r.seed for r in runs]}
         for name in METRICS:
             values = [getattr(r, name) for r in runs]
@@ -363,7 +393,7 @@ def paired(results: list[RunResult], methods: list[str], baseline: str = ONEHOT)
         runs = [r for r in results if r.method == method and r.seed in base]
         if method == baseline or not runs:
             continue
-        row = {"method": method, "labels": METHODS[method][0], "baseline": baseline, "seeds": [r.seed for r in runs]}
+        row = {"method": method, "labels": ALL_METHODS[method][0], "baseline": baseline, "seeds": [r.seed for r in runs]}
         for name in PAIRED_METRICS:
             pairs = [(getattr(r, name), getattr(base[r.seed], name)) for r in runs]
             if any(a is None or b is None for a, b in pairs):
