@@ -234,7 +234,8 @@ class TestConfigs:
         assert "NOT RUN AT FULL SCALE" in (repo / "configs" / "tokenlabel_deit_s.yaml").read_text().splitlines()[0]
         cfg, _ = parse_command_line(["--config-file-path", str(repo / "configs" / "tokenlabel_deit_s.yaml")])
         assert (cfg.data.relabel.token_size, cfg.optim.token_loss_weight) == (14, 0.5)
-        model = build_model(cfg)
+        with torch.device("meta"):  # shapes only: initialising 22M weights is the slow part
+            model = build_model(cfg)
         assert isinstance(model, TokenLabelModel) and model.backbone.patch_embed.grid_size == (14, 14)
         # DeiT-S with a 1000-class head (22,050,664) plus the 384 x 1000 auxiliary head and its bias
         assert sum(p.numel() for p in model.parameters()) == 22_050_664 + 384 * 1000 + 1000
@@ -242,3 +243,44 @@ class TestConfigs:
         undecayed = {id(p) for p in groups[1]["params"]}
         assert id(model.backbone.pos_embed) in undecayed and id(model.aux_head.bias) in undecayed
         assert id(model.aux_head.weight) not in undecayed
+
+
+class TestRelabelViTMaps:
+    def test_a_vit_annotators_maps_are_token_labels_cell_for_token(self, token_tiny, tmp_path):
+        """tools/relabel.py with a ViT annotator writes one cell per patch, rows first; pooled over
+        the whole image to the annotator's own grid, token (r, c) of the student is cell (r, c)
+        (cell (r, S-1-c) when the image was flipped)."""
+        import timm
+        from safetensors.torch import save_file
+
+        from relabel_dali.ops.reference import dense_label_maps
+        from tools import relabel
+
+        torch.manual_seed(0)
+        save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), tmp_path / "vit.safetensors")
+        labels = tmp_path / "vit_labels"
+        assert relabel.main([str(token_tiny / "train"), str(labels), "--arch", "timm:vit_tiny_patch16_224",
+                             "--weights", str(tmp_path / "vit.safetensors"), "--size", "48", "--topk", "3",
+                             "--threads", "2", "--dtype", "float32", "--classes", "imagenet"]) == relabel.EXIT_OK
+        reader = LabelShardReader(labels)
+        assert (reader.height, reader.width) == (3, 3)  # 48 px / patch 16
+        # Whole-image crops: the images are 40 wide, 48 high, so one area and one aspect ratio.
+        augment = TrainAugment(image_size=48, random_area=(1.0, 1.0), random_aspect_ratio=(40 / 48, 40 / 48))
+        loader = build_train_loader(Dataset(token_tiny / "train", class_map="imagenet", num_classes=1000),
+                                    batch_size=8, labels=Labels(labels, token_size=3), augment=augment,
+                                    runtime=Runtime(num_threads=1, py_workers=1))
+        try:
+            batch = next(iter(loader))
+            keys = loader.source.keys
+        finally:
+            loader.close()
+        assert torch.equal(batch["boxes"], torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 8))
+        mirror = batch["mirror"].bool()
+        assert 0 < int(mirror.sum()) < 8
+        for b, index in enumerate(batch["indices"].tolist()):
+            scores, ids = reader[keys[index]]
+            cells = torch.softmax(dense_label_maps(torch.from_numpy(scores)[None], torch.from_numpy(ids)[None].long(),
+                                                   1000)[0], 0)  # [C, 3, 3]
+            if mirror[b]:
+                cells = cells.flip(2)
+            torch.testing.assert_close(batch["token_targets"][b], cells.reshape(1000, 9).T, rtol=0, atol=1e-6)
