@@ -45,7 +45,9 @@ class TestQuickCpuForm:
         result, report, steps, _, _ = run
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert [s["name"] for s in report["steps"]] == list(STEPS)
-        assert {s["status"] for s in report["steps"]} == {"pass"}, [(s["name"], s["reason"]) for s in report["steps"]]
+        assert steps["tokens"]["status"] == "skip" and "GPU only" in steps["tokens"]["reason"]
+        assert {s["status"] for s in report["steps"] if s["name"] != "tokens"} == {"pass"}, \
+            [(s["name"], s["reason"]) for s in report["steps"]]
         assert report["exit_code"] == 0 and report["device"] == "cpu" and report["quick"]
         assert all(s["seconds"] > 0 for s in report["steps"])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = ("environment", "build", "parity", "kernel", "data", "loader", "trainer", "annotator")
+STEPS = ("environment", "build", "parity", "kernel", "data", "loader", "trainer", "tokens", "annotator")
 NO_DALI_STEPS = ("environment", "build", "parity", "kernel")
 TOLERANCE = 1e-6
 IMAGENET_SIZES = ((400, 500), (330, 420))
@@ -29,11 +29,16 @@ PROFILES = {
                         sizes=TINY_SIZES, image_size=32, loader_batch=8, loader_rounds=1, train_batch=8,
                         train_epochs=2, arch="resnet18", annotate_images=16, annotate_size=64, annotate_batch=8),
 }
+# The token step (GPU only): a ViT-Tiny (patch 16) at the profile's image size, token labels on its
+# patch grid, a few training steps.
+TOKEN_ARCH = "timm:vit_tiny_patch16_224"
+TOKEN_PATCH = 16
+TOKEN_STEPS = 8
 # Seconds per command of each step (a step may run several commands).
 TIMEOUTS = {"environment": 120, "build": 600, "parity": 600, "kernel": 600, "data": 900, "loader": 900,
-            "trainer": 900, "annotator": 600}
+            "trainer": 900, "tokens": 600, "annotator": 600}
 QUICK_TIMEOUTS = {"environment": 60, "build": 300, "parity": 240, "kernel": 180, "data": 180, "loader": 240,
-                  "trainer": 240, "annotator": 180}
+                  "trainer": 240, "tokens": 240, "annotator": 180}
 
 
 class StepFailure(Exception):

@@ -15,6 +15,10 @@ hangs is reported and the next one still runs):
   loader       the training graph with and without labels (tools/bench_loader.py), mixed decoding on the GPU
   trainer      train.py with and without ReLabel; the same model fed by the official-style loader
                (relabel_dali.data.official) with and without labels, and by one fixed batch (model speed)
+  tokens       GPU only: the GPU graph's token targets (fn.label_pool output_size, mirror) against
+               pool_labels on the CPU, bit for bit; train.py training a ViT-Tiny on token labels for a
+               few steps (finite loss, the auxiliary head trained). Skipped on the CPU, where
+               tests/test_token_training.py covers the same path
   annotator    tools/relabel.py with a randomly initialised torchvision model
 
 ``--quick`` uses smaller sizes (meant to fit in 5 minutes on one H100; not yet timed on one); ``--no-dali`` runs
@@ -50,7 +54,7 @@ from tools.gpu_check.profiles import (NO_DALI_STEPS, PROFILES, QUICK_TIMEOUTS, R
                                       StepFailure, StepSkipped)
 from tools.gpu_check.report import _fmt, evaluate_targets, write_report
 from tools.gpu_check.steps import nvidia_smi, run_child
-from tools.gpu_check.trainer import train_overrides, train_py_stats
+from tools.gpu_check.trainer import token_train_overrides, train_overrides, train_py_stats
 
 
 def _interrupt(signum, frame):
@@ -137,7 +141,7 @@ class Check:
         if self.args.no_dali and name not in NO_DALI_STEPS:
             raise StepSkipped("--no-dali: this step needs DALI")
         needs = {"parity": ["build"], "kernel": ["build"], "loader": ["build", "data"], "trainer": ["build", "data"],
-                 "annotator": ["build", "data"]}
+                 "tokens": ["build", "data"], "annotator": ["build", "data"]}
         for before in needs.get(name, []):
             if self.steps.get(before, {}).get("status") != "pass":
                 raise StepSkipped(f"needs the {before} step, which did not pass")
@@ -229,6 +233,19 @@ class Check:
         numbers["ours_over_official_with_relabel"] = rate["relabel"] / rate["official"]
         return numbers
 
+    def step_tokens(self) -> dict:
+        if self.device != "cuda":
+            raise StepSkipped("GPU only (the GPU graph's token targets and a ViT on them); on the CPU "
+                              "tests/test_token_training.py covers the same path")
+        s = self.settings
+        self.command("tokens", "token targets", self.child("tokens"))
+        numbers = self.read_result("tokens")
+        out_dir = self.work / "train_tokens"
+        self.command("tokens", "train.py tokens", [sys.executable, "train.py", *token_train_overrides(
+            s, self.work / "data", out_dir)])
+        numbers["train"] = check_token_run(out_dir, s)
+        return numbers
+
     def step_annotator(self) -> dict:
         s, data = self.settings, self.work / "data"
         argv = [sys.executable, "tools/relabel.py", str(data / "train"), str(self.work / "annotated"), "--arch",
@@ -260,6 +277,26 @@ class Check:
             met = {True: "met", False: "NOT met", None: "not judged"}[t["met"]]
             print(f"  {t['name']}: {_fmt(t['value'])} {t['unit']} (target {t['target']}): {met}")
         return self.report["exit_code"]
+
+
+def check_token_run(out_dir: Path, s: dict) -> dict:
+    """What train.py's token run left: a finished checkpoint whose auxiliary head moved from its
+    initial weights, finite parameters and loss."""
+    import torch
+
+    state = torch.load(out_dir / "checkpoint-last.pth", weights_only=False, map_location="cpu")
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    aux = state["model"].get("aux_head.weight")
+    if state["epoch"] != 1 or aux is None:
+        raise StepFailure(f"{out_dir}: checkpoint at epoch {state['epoch']}, aux head "
+                          f"{'missing' if aux is None else 'present'}")
+    finite = all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    loss = metrics["train"]["loss"]
+    if not finite or loss != loss or abs(loss) == float("inf"):
+        raise StepFailure(f"{out_dir}: non-finite parameters or loss ({loss})")
+    moved = state["optimizer"]["state"] != {}
+    return {"loss": loss, "images_per_s": metrics["train"]["images_per_s"], "top1": metrics.get("top1"),
+            "optimizer_stepped": moved, "token_size": s["image_size"] // 16}
 
 
 def now() -> str:

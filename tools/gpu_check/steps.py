@@ -277,6 +277,48 @@ def child_train(s: dict, variant: str) -> dict:
     return {**train_loop(lambda: iter(loader), len(loader), s), "workers": s["cpu_count"]}
 
 
+def child_tokens(s: dict) -> dict:
+    """The GPU training graph's token targets against pool_labels on the CPU over the same label
+    records, boxes and flips: the same bits expected (docs/OPERATOR.md)."""
+    import numpy as np
+    import torch
+
+    from relabel_dali.data.loader import build_train_loader
+    from relabel_dali.data.settings import Dataset, Labels, Runtime, TrainAugment
+    from relabel_dali.ops.pooling import pool_labels
+    from relabel_dali.store.reader import LabelShardReader
+    from tools.gpu_check.profiles import TOKEN_PATCH
+
+    data = Path(s["work"]) / "data"
+    size = s["image_size"] // TOKEN_PATCH
+    labels = Labels(data / "labels", token_size=size)
+    loader = build_train_loader(Dataset(data / "train", num_classes=1000, preflight_decodes=0), batch_size=32,
+                                labels=labels, augment=TrainAugment(image_size=s["image_size"]),
+                                runtime=Runtime(device="cuda:0" if s["device"] == "cuda" else "cpu",
+                                                start_method="spawn" if s["device"] == "cuda" else "fork",
+                                                num_threads=2, py_workers=2))
+    try:
+        batch = next(iter(loader))
+        keys = loader.source.keys
+    finally:
+        loader.close()
+    reader = LabelShardReader(data / "labels")
+    records = [reader.record(keys[i]) for i in batch["indices"].tolist()]
+    scores = torch.from_numpy(np.stack([r.scores for r in records]))
+    ids = torch.from_numpy(np.stack([r.class_ids for r in records]).astype(np.int64))
+    scale = torch.tensor([float(r.scale) for r in records])
+    offset = torch.tensor([float(r.offset) for r in records])
+    expected = pool_labels(scores, ids, batch["boxes"].cpu(), 1000, scale=scale, offset=offset, output_size=size,
+                           mirror=batch["mirror"].cpu())
+    got = batch["token_targets"].cpu()
+    diff = float((got - expected).abs().max())
+    numbers = {"token_size": size, "batch": len(records), "mirrored": int(batch["mirror"].sum()),
+               "max_abs_diff_vs_cpu": diff, "bit_identical": bool(torch.equal(got, expected))}
+    if diff > TOLERANCE:
+        raise StepFailure(f"GPU token targets differ from pool_labels on the CPU by {diff:.3g}", numbers)
+    return numbers
+
+
 def run_child(step: str, work: Path) -> int:
     s = json.loads((work / "settings.json").read_text())
     result = {"status": "pass", "reason": "", "numbers": {}}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tools.gpu_check.profiles import REPO, StepFailure
+from tools.gpu_check.profiles import REPO, TOKEN_ARCH, TOKEN_PATCH, TOKEN_STEPS, StepFailure
 
 
 def train_overrides(s: dict, data: Path, out_dir: Path, relabel: bool) -> list[str]:
@@ -28,6 +28,22 @@ def train_overrides(s: dict, data: Path, out_dir: Path, relabel: bool) -> list[s
     for key, value in settings.items():
         argv += [f"--{key}", str(value)]
     return argv
+
+
+def token_train_overrides(s: dict, data: Path, out_dir: Path) -> list[str]:
+    """train.py on token labels: a ViT-Tiny on its patch grid, TOKEN_STEPS steps, CutMix on, one
+    epoch of ``TOKEN_STEPS`` batches listed in a file list."""
+    files = sorted(p.relative_to(data / "train").as_posix() for p in (data / "train").rglob("*.JPEG"))
+    batch = min(s["train_batch"], 64)
+    listing = out_dir.parent / "token_files.txt"
+    listing.write_text("\n".join(files[:batch * TOKEN_STEPS]) + "\n")
+    argv = train_overrides(s, data, out_dir, True)
+    for key, value in {"model.arch": TOKEN_ARCH, "optim.batch_size": batch, "optim.lr.base_batch_size": batch,
+                       "util.val_batch_size": batch, "optim.epochs": 1}.items():
+        argv[argv.index(f"--{key}") + 1] = str(value)
+    return argv + ["--data.relabel.token_size", str(s["image_size"] // TOKEN_PATCH), "--data.file_list", str(listing),
+                   "--data.cutmix.prob", "1.0", "--data.cutmix.beta", "1.0", "--data.cutmix.off_epoch", "0",
+                   "--optim.optimizer", "adamw", "--optim.lr.init", "1e-3", "--model.channels_last", "false"]
 
 
 def train_py_stats(out_dir: Path) -> dict:
