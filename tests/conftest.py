@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from relabel_dali import LabelShardWriter  # noqa: E402
+from relabel_dali.ops.build import load_operators  # noqa: E402
 from relabel_dali.data.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
@@ -157,6 +158,43 @@ def argv_for(root: Path, out: Path, *extra: str) -> list[str]:
             "--optim.epochs", "2", "--optim.warmup.epochs", "1", "--data.num_threads", "1",
             "--data.py_workers", "1", "--compute.device", "cpu", "--util.progress", "False",
             "--util.output_dir", str(out), *extra]
+
+
+# ---- shared helpers: fn.label_pool inside a DALI pipeline ----------------------------------------
+def run_label_pool(scores, class_ids, boxes, batch_size, device="cpu", arg_inputs=None, **op_args):
+    """Feeds the samples through ``fn.label_pool`` in batches of ``batch_size``; returns the outputs
+    stacked (float32 numpy). ``arg_inputs``: name -> one value per sample, passed as per-sample
+    argument inputs (``scale``, ``offset``, ``mirror``); ``op_args``: the operator's arguments."""
+    load_operators()
+    from nvidia.dali import fn, pipeline_def
+
+    n = len(scores)
+    assert n % batch_size == 0
+    named = dict(arg_inputs or {})
+
+    def batches():
+        for start in range(0, n, batch_size):
+            part = slice(start, start + batch_size)
+            yield (list(scores[part]), list(class_ids[part]), list(boxes[part]),
+                   *([np.asarray(v) for v in values[part]] for values in named.values()))
+
+    @pipeline_def(batch_size=batch_size, num_threads=2, device_id=0 if device == "gpu" else None,
+                  prefetch_queue_depth=1)
+    def pipeline():
+        s, i, b, *extra = fn.external_source(source=batches, num_outputs=3 + len(named), cycle="raise")
+        if device == "gpu":
+            s, i = s.gpu(), i.gpu()
+        return fn.label_pool(s, i, b, device=device, **op_args, **dict(zip(named, extra)))
+
+    pipe = pipeline()
+    pipe.build()
+    results = []
+    for _ in range(n // batch_size):
+        (out,) = pipe.run()
+        if device == "gpu":
+            out = out.as_cpu()
+        results.append(np.stack([np.array(t) for t in out]))
+    return np.concatenate(results)
 
 
 # ---- shared helpers: step-by-step colour references ----------------------------------------------

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_label_pool as run_pipeline
 from relabel_dali.store import format as fmt
 from relabel_dali.ops.build import build_info, load_operators
 from relabel_dali.ops.pooling import pool_labels
@@ -17,42 +18,10 @@ TOL = 1e-6
 
 
 def run_label_pool(scores, class_ids, boxes, batch_size, device="cpu", scale=None, offset=None, **op_args):
-    """Feeds numpy batches through fn.label_pool; returns [N, C] float32 numpy."""
-    load_operators()
-    from nvidia.dali import fn, pipeline_def
-
-    n = len(scores)
-    assert n % batch_size == 0
-    quantized = scale is not None
-
-    def batches():
-        for start in range(0, n, batch_size):
-            part = slice(start, start + batch_size)
-            out = [list(scores[part]), list(class_ids[part]), list(boxes[part])]
-            if quantized:
-                out += [[np.array(v, np.float32) for v in scale[part]], [np.array(v, np.float32) for v in offset[part]]]
-            yield tuple(out)
-
-    @pipeline_def(batch_size=batch_size, num_threads=2, device_id=0 if device == "gpu" else None,
-                  prefetch_queue_depth=1)
-    def pipeline():
-        inputs = fn.external_source(source=batches, num_outputs=5 if quantized else 3, cycle="raise")
-        s, i, b = inputs[:3]
-        if device == "gpu":
-            s, i = s.gpu(), i.gpu()
-        if quantized:
-            op_args.update(scale=inputs[3], offset=inputs[4])
-        return fn.label_pool(s, i, b, device=device, **op_args)
-
-    pipe = pipeline()
-    pipe.build()
-    results = []
-    for _ in range(n // batch_size):
-        (out,) = pipe.run()
-        if device == "gpu":
-            out = out.as_cpu()
-        results.append(np.stack([np.array(t) for t in out]))
-    return np.concatenate(results)
+    """fn.label_pool on numpy batches, with per-sample scale and offset for quantized scores; [N, C]."""
+    quantized = {} if scale is None else {"scale": np.asarray(scale, np.float32),
+                                          "offset": np.asarray(offset, np.float32)}
+    return run_pipeline(scores, class_ids, boxes, batch_size, device, quantized, **op_args)
 
 
 def make_inputs(n, seed, num_classes, shape=(5, 15, 15)):

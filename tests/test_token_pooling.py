@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from relabel_dali.ops.build import load_operators
+from conftest import run_label_pool
 from relabel_dali.ops.pooling import pool_labels
 from relabel_dali.ops.reference import MODES, clear_top2, random_boxes, random_topk_maps
 from relabel_dali.ops.testing import pool_labels_emulated
@@ -203,41 +203,9 @@ def emulated_entry(scores, class_ids, boxes, mode, size):
 
 
 def run_tokens_pipeline(scores, class_ids, boxes, flips, batch_size, device="cpu", **op_args):
-    """Feeds numpy batches (flips as the per-sample argument input mirror, or None) through fn.label_pool;
-    returns the stacked outputs."""
-    load_operators()
-    from nvidia.dali import fn, pipeline_def
-
-    n = len(scores)
-
-    def batches():
-        for start in range(0, n, batch_size):
-            part = slice(start, start + batch_size)
-            out = [list(scores[part]), list(class_ids[part]), list(boxes[part])]
-            if flips is not None:
-                out.append([np.array(m) for m in flips[part]])
-            yield tuple(out)
-
-    @pipeline_def(batch_size=batch_size, num_threads=2, device_id=0 if device == "gpu" else None,
-                  prefetch_queue_depth=1)
-    def pipeline():
-        inputs = fn.external_source(source=batches, num_outputs=3 if flips is None else 4, cycle="raise")
-        s, i, b = inputs[:3]
-        if device == "gpu":
-            s, i = s.gpu(), i.gpu()
-        if flips is not None:
-            op_args["mirror"] = inputs[3]
-        return fn.label_pool(s, i, b, device=device, **op_args)
-
-    pipe = pipeline()
-    pipe.build()
-    results = []
-    for _ in range(n // batch_size):
-        (out,) = pipe.run()
-        if device == "gpu":
-            out = out.as_cpu()
-        results.append(np.stack([np.array(t) for t in out]))
-    return np.concatenate(results)
+    """fn.label_pool on numpy batches, ``flips`` as the per-sample argument input ``mirror`` (or None)."""
+    return run_label_pool(scores, class_ids, boxes, batch_size, device, None if flips is None else {"mirror": flips},
+                          **op_args)
 
 
 def numpy_inputs(n, num_classes, seed, shape=(5, 18, 18)):
