@@ -5,10 +5,18 @@ sample-source workers of the CPU loader tests once it is. ``torch.cuda.is_availa
 ``device_count()`` initialise the driver unless PYTORCH_NVML_BASED_CUDA_CHECK=1 (NVML counts the
 GPUs instead), so that is set before anything imports torch; tests marked ``gpu`` skip without a
 GPU and run last.
+
+One intra-op thread per process unless the caller chose otherwise: ``make test`` runs two pytest
+workers on two cores, and most tests start train.py or a tool as child processes (which inherit
+it). With more OpenMP threads than free cores, each parallel region waits for a descheduled thread:
+on a busy two-core machine a tiny train.py run with two threads took twice the CPU time (14 s
+against 7 s) and trained at 2-5 images/s instead of 50-90, for the same numbers. Tests of thread
+counts set them explicitly.
 """
 import os
 
 os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import io  # noqa: E402
 import json  # noqa: E402
