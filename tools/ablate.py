@@ -8,7 +8,9 @@
 Each (method, seed) is one ``train.py`` run in OUT/<method>/seed<S> with the same recipe:
 ``--data.relabel.pool_mode METHOD`` for the four ways of turning label maps into targets
 (localized/global x multi/single label), ``--data.relabel.use false`` for the original one-hot
-labels, ``--compute.seed S``. Anything after ``--`` goes to every run (``-- --optim.epochs 2``).
+labels, ``--compute.seed S``; ``tokens`` (not among the defaults; for a timm ViT student) adds
+token labels: softmax targets for the class token and ``--data.relabel.token_size`` set to the
+student's patch grid. Anything after ``--`` goes to every run (``-- --optim.epochs 2``).
 
 The runs get the same CPU kernels on any x86-64 machine with AVX2 (PINNED_CPU_ENV: torch's and
 oneDNN's vector instructions capped at AVX2, MKL's reproducible AVX2 path, 2 threads), so that a
