@@ -171,9 +171,10 @@ def training_pipeline(source, augment: TrainAugment, runtime: Runtime, *, num_cl
     """The training pipeline (unbuilt). ``source``: a ``relabel_dali.data.source.SampleSource`` built
     with this ``augment``; targets are pooled from its label shards (``pool_mode``) when it has
     them, else one-hot. ``token_size`` S > 0 (label shards only) adds the token targets: the same
-    label record pooled over the same box to S x S, mirrored with the sample's flip. ``fused`` (default: on the CPU) resizes and jitters with the one
-    ``resize_jitter_normalize`` operator instead of DALI's resize, saturation and normalize; it
-    is a CPU operator, so a GPU graph cannot use it."""
+    label record pooled over the same box to S x S, mirrored with the sample's flip. ``fused``
+    (default: on the CPU) resizes and jitters with the one ``resize_jitter_normalize`` operator
+    instead of DALI's resize, saturation and normalize; it is a CPU operator, so a GPU graph
+    cannot use it."""
     if pool_mode not in POOL_MODES:
         raise ValueError(f"pool_mode {pool_mode!r}: expected one of {POOL_MODES}")
     if source.augment != augment:

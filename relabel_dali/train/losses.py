@@ -54,8 +54,8 @@ def token_label_loss(logits: torch.Tensor, token_logits: torch.Tensor, targets: 
 
 def smooth_targets(targets: torch.Tensor, smoothing: float) -> torch.Tensor:
     """t * (1 - s) + s / C over all C classes, the last dimension (the official smoothing of soft
-    targets; token targets [B, T, C] alike). It is
-    linear, so smoothing before or after CutMix's convex mix gives the same targets."""
+    targets; token targets [B, T, C] alike). It is linear, so smoothing before or after CutMix's
+    convex mix gives the same targets."""
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"optim.label_smoothing must be in [0, 1), got {smoothing}")
     if smoothing == 0.0:
