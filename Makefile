@@ -133,12 +133,16 @@ ablation: demo-labels
 
 # Two pytest workers (pytest-xdist): most tests wait on the child processes they start, so two
 # cores finish the suite in about half the time; each test file stays on one worker, so its module
-# fixtures are built once. The GPU tests run afterwards in a process of their own, after every CPU
-# test: CUDA initialised in a process stops DALI from forking workers there.
+# fixtures are built once, and the files go out longest first (tests/conftest.py LONGEST_FIRST).
+# The GPU tests run afterwards in a process of their own, after every CPU test: CUDA initialised in
+# a process stops DALI from forking workers there. That process collects only the files that mark
+# GPU tests (conftest refuses a GPU test in a file that does not say `mark.gpu`), so a machine
+# without a GPU still lists each of them as skipped, with the reason.
 TEST_WORKERS ?= 2
+GPU_TEST_FILES = $(shell grep -l 'mark\.gpu' tests/test_*.py)
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not gpu"
-	$(BIN)/python -m pytest -m gpu
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not gpu"
+	$(BIN)/python -m pytest -m gpu $(GPU_TEST_FILES)
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench_labels.py --json bench_out/bench_labels.json --plot bench_out/bench_labels.png

@@ -234,14 +234,41 @@ def jitter_step_by_step(image, b, c, s, rgb, order):
     return x.reshape(image.shape)
 
 
+# The files that take longest, longest first (``pytest --durations`` summed per file, 2 cores).
+# ``make test`` hands whole files to two workers in collection order (``--dist loadfile
+# --no-loadscope-reorder``): starting with the longest leaves short files to even out the end, where
+# xdist's own order (most tests first) left a long file running alone on one worker.
+LONGEST_FIRST = ("test_gpu_check.py", "test_ablate.py", "test_faults.py", "test_train.py", "test_relabel_tool.py",
+                 "test_multinode.py", "test_ops.py", "test_cuda_build.py", "test_annotator.py", "test_token_pooling.py",
+                 "test_bench_loader.py", "test_disk_full.py", "test_loader.py", "test_token_training.py")
+
+
 def pytest_collection_modifyitems(config, items):
     gpu_count = torch.cuda.device_count()  # NVML: does not initialise CUDA
     skip = pytest.mark.skip(reason="needs a CUDA GPU (NVML finds none)")
     for item in items:
         if gpu_count == 0 and "gpu" in item.keywords:
             item.add_marker(skip)
-    # Stable sort: GPU tests last, so every CPU test runs before anything initialises CUDA.
-    items.sort(key=lambda item: "gpu" in item.keywords)
+    # Stable sort: GPU tests last, so every CPU test runs before anything initialises CUDA; the
+    # longest files first, the others in their usual order.
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: ("gpu" in item.keywords, rank.get(item.path.name, len(rank))))
+
+
+def pytest_itemcollected(item):
+    # make test's GPU run collects only the files that say "mark.gpu" (Makefile GPU_TEST_FILES).
+    if "gpu" in item.keywords and "mark.gpu" not in _source(item.path):
+        raise pytest.UsageError(f"{item.nodeid}: a GPU test in a file that does not say 'mark.gpu', which "
+                                "the Makefile's GPU run would not collect; mark it with pytest.mark.gpu")
+
+
+_SOURCES: dict = {}
+
+
+def _source(path) -> str:
+    if path not in _SOURCES:
+        _SOURCES[path] = Path(path).read_text()
+    return _SOURCES[path]
 
 
 def pytest_collection_finish(session):
