@@ -172,7 +172,8 @@ class TestModel:
 
     def test_heads_and_prefix_tokens(self, token_tiny, tmp_path):
         argv = token_argv(token_tiny, tmp_path)
-        argv[argv.index("--model.kwargs") + 1] = "{depth: 1, embed_dim: 32, num_heads: 2, patch_size: 8, reg_tokens: 2}"
+        kwargs = "{depth: 1, embed_dim: 32, num_heads: 2, patch_size: 8, reg_tokens: 2}"
+        argv[argv.index("--model.kwargs") + 1] = kwargs
         cfg, _ = parse_command_line(argv)
         model = build_model(cfg)
         assert isinstance(model, TokenLabelModel) and model.num_prefix_tokens == 3  # class + 2 register tokens
@@ -220,8 +221,8 @@ class TestTrain:
         assert resumed["epoch"] == straight["epoch"] == 2
         assert states_equal(resumed["model"], straight["model"])
         assert resumed["schedule"] == straight["schedule"]
-        pairs = [(s[k], t[k]) for s, t in zip(resumed["optimizer"]["state"].values(),
-                                                straight["optimizer"]["state"].values()) for k in ("exp_avg", "exp_avg_sq")]
+        states = zip(resumed["optimizer"]["state"].values(), straight["optimizer"]["state"].values())
+        pairs = [(s[k], t[k]) for s, t in states for k in ("exp_avg", "exp_avg_sq")]
         assert pairs and all(torch.equal(a, b) for a, b in pairs)
         assert resumed["metrics"] == straight["metrics"]
 
@@ -257,10 +258,11 @@ class TestRelabelViTMaps:
         from tools import relabel
 
         torch.manual_seed(0)
-        save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), tmp_path / "vit.safetensors")
+        weights = tmp_path / "vit.safetensors"
+        save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), weights)
         labels = tmp_path / "vit_labels"
         assert relabel.main([str(token_tiny / "train"), str(labels), "--arch", "timm:vit_tiny_patch16_224",
-                             "--weights", str(tmp_path / "vit.safetensors"), "--size", "48", "--topk", "3",
+                             "--weights", str(weights), "--size", "48", "--topk", "3",
                              "--threads", "2", "--dtype", "float32", "--classes", "imagenet"]) == relabel.EXIT_OK
         reader = LabelShardReader(labels)
         assert (reader.height, reader.width) == (3, 3)  # 48 px / patch 16

@@ -23,7 +23,8 @@ from relabel_dali.data.source import SampleSource
 from relabel_dali.data.transfer import host_to_device
 
 log = logging.getLogger(__name__)
-HOST_METADATA = ("boxes", "labels", "indices", "mirror")  # per-sample outputs the graphs make on the host
+HOST_METADATA = ("boxes", "labels", "indices")  # per-sample outputs the graphs make on the host
+TOKEN_METADATA = ("mirror",)  # and with token targets, each sample's flip
 
 
 class DaliLoader:
@@ -97,15 +98,16 @@ class DaliLoader:
     def _to_torch(self, batch: dict) -> dict:
         """DALI lends its outputs through DLPack and recycles a host buffer once it is released,
         possibly before an asynchronous copy out of it has run: host outputs bound for the GPU go
-        through ``host_to_device``, and the per-sample host outputs (boxes, labels, indices: a few
-        bytes) are owned copies on the CPU as well, so none of them depends on when DALI recycles
-        a buffer. A CPU loader's images and targets stay DALI's: nothing reads them
-        asynchronously, and DALI keeps a buffer as long as a tensor refers to it."""
+        through ``host_to_device``, and the per-sample host outputs (boxes, labels, indices, the
+        token path's flips: a few bytes) are owned copies on the CPU as well, so none of them
+        depends on when DALI recycles a buffer. A CPU loader's images and targets stay DALI's:
+        nothing reads them asynchronously, and DALI keeps a buffer as long as a tensor refers to it."""
         out = {}
         for name, tensor in batch.items():
             if name in ("labels", "indices", "mirror"):
                 tensor = tensor.view(-1).to(torch.int64)
-            if tensor.device.type == "cpu" and (self.device.type != "cpu" or name in HOST_METADATA):
+            host_metadata = name in HOST_METADATA or name in TOKEN_METADATA
+            if tensor.device.type == "cpu" and (self.device.type != "cpu" or host_metadata):
                 tensor = host_to_device(tensor, self.device)
             out[name] = tensor
         if self.validation:
@@ -142,8 +144,8 @@ def build_train_loader(dataset: Dataset | str | os.PathLike, *, batch_size: int,
     """Batches ``{"images" [B,3,S,S], "targets" [B,C] float32, "labels" [B], "boxes" [B,4],
     "indices" [B]}`` on ``runtime.device``, ``B = batch_size`` per process. ``labels`` None gives
     one-hot targets; ``labels.token_size`` T > 0 adds ``"token_targets" [B,T*T,C]`` float32 (the
-    crop's token targets, mirrored with the image) and ``"mirror" [B]`` (1: the image was flipped). ``rank``/``world_size`` are the GLOBAL rank
-    and world size."""
+    crop's token targets, mirrored with the image) and ``"mirror" [B]`` (1: the image was
+    flipped). ``rank``/``world_size`` are the GLOBAL rank and world size."""
     from pipelines.training import train_outputs, training_pipeline
 
     dataset = _dataset(dataset)

@@ -30,7 +30,9 @@ from relabel_dali.data.settings import DataSettings
 # ---- data --------------------------------------------------------------------------------------
 @dataclass
 class Data:
-    train: object  # loader.DaliLoader: dicts {"images", "targets", "labels", "boxes", "indices"[, "token_targets", "mirror"]}
+    # loader.DaliLoader: dicts {"images", "targets", "labels", "boxes", "indices"} (with token labels
+    # also "token_targets", "mirror")
+    train: object
     val: object  # iterable of dicts {"images", "labels", "indices", "valid"}
     val_keys: list[str]  # validation sample keys, indexed by the batches' "indices"
 
