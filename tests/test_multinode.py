@@ -63,29 +63,40 @@ def clean_env(**extra) -> dict:
 
 
 def wait_all(processes: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str]]:
-    """(exit code, output) of each process; kills them all (their process groups) on a timeout."""
+    """(exit code, output) of each process (its pipe, or the log file it writes to: ``log``); kills
+    them all (their process groups) on a timeout."""
     results = []
     try:
         for process in processes:
             output, _ = process.communicate(timeout=timeout)
-            results.append((process.returncode, output))
+            results.append((process.returncode, output if process.stdout is not None else process.log.read_text()))
     finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop(processes)
     return results
 
 
-def two_nodes(script: Path, argv: list[str]) -> list[tuple[int, str]]:
-    """Two torchrun launchers as two nodes: node ranks assigned by the c10d rendezvous."""
+def stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def two_nodes(script: Path, argv: list[str], logs: Path) -> list[subprocess.Popen]:
+    """Two torchrun launchers as two nodes, started (``wait_all`` waits for them), their output
+    going to ``logs/node<i>.log``: node ranks assigned by the c10d rendezvous."""
     endpoint = f"127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=two-nodes",
                "--local-addr=127.0.0.1", "--max-restarts=0", str(script), *argv]
-    processes = [subprocess.Popen(command, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, start_new_session=True) for _ in range(2)]
-    return wait_all(processes)
+    processes = []
+    for node in range(2):
+        log = logs / f"node{node}.log"
+        with open(log, "w") as output:
+            processes.append(subprocess.Popen(command, cwd=REPO, env=clean_env(), stdout=output,
+                                              stderr=subprocess.STDOUT, text=True, start_new_session=True))
+        processes[-1].log = log
+    return processes
 
 
 def traces(out: Path, epoch: int) -> list[dict]:
@@ -110,21 +121,35 @@ def states_equal(a: dict, b: dict) -> bool:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny, tmp_path_factory):
+def launched(tiny, tmp_path_factory):
+    """The uninterrupted run and the run to be stopped, started together (two rendezvous, four
+    launchers: most of each run is process start-up and teardown, which overlap): {name: (output
+    folder, launchers)}."""
     out = tmp_path_factory.mktemp("two-nodes") / "run"
-    results = two_nodes(REPO / "train.py", run_argv(tiny, out))
+    root = tmp_path_factory.mktemp("stopped")
+    driver = root / "stop_at_epoch_2.py"
+    driver.write_text(STOP_AT_EPOCH_2)
+    stopped_out = root / "runs" / "rn50"
+    runs = {"uninterrupted": (out, two_nodes(REPO / "train.py", run_argv(tiny, out), out.parent)),
+            "stopped": (stopped_out, two_nodes(driver, run_argv(tiny, stopped_out), root))}
+    yield runs
+    for _, processes in runs.values():  # runs that no test waited for (deselected)
+        stop(processes)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(launched):
+    out, processes = launched["uninterrupted"]
+    results = wait_all(processes)
     assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     return out
 
 
 @pytest.fixture(scope="module")
-def stopped(tiny, tmp_path_factory):
+def stopped(launched):
     """A run stopped by SIGTERM on both nodes at the start of epoch 2: its output folder."""
-    root = tmp_path_factory.mktemp("stopped")
-    driver = root / "stop_at_epoch_2.py"
-    driver.write_text(STOP_AT_EPOCH_2)
-    out = root / "runs" / "rn50"
-    results = two_nodes(driver, run_argv(tiny, out))
+    out, processes = launched["stopped"]
+    results = wait_all(processes)
     # Both launchers report the stop as a failure (torchrun knows no "preempted"); rank 0 says where
     # it stopped. (A launcher may instead report losing the rendezvous store, when the node that
     # hosts it ends first.)
