@@ -118,11 +118,12 @@ def _listing(path: Path, meta: dict, arrays: dict, root, dir_labels: np.ndarray)
                    file=(path, meta["digest"]))
 
 
-def open_listing(path, *, digest: str, root, class_map) -> tuple[Listing, MatchReport]:
+def open_listing(path, *, digest: str, root, class_map, verify: bool = True) -> tuple[Listing, MatchReport]:
     """The listing in ``path`` (labels from ``class_map``) and its record-matching report;
-    ``digest``: what the caller expects it to have been built from."""
+    ``digest``: what the caller expects it to have been built from; ``verify``: check each array
+    against its CRC-32 (the process that has just written the file computed them itself)."""
     path = Path(path)
-    _, meta, arrays = _open(path)
+    _, meta, arrays = _open(path, verify)
     if meta.get("digest") != digest:
         raise ListingFileError(f"{path}: built from other inputs (digest {meta.get('digest')}, expected {digest})")
     listing = _listing(path, meta, arrays, root, label_dirs(root, meta["dirs"], class_map))
