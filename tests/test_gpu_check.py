@@ -115,8 +115,8 @@ class TestQuickCpuForm:
 
     def test_markdown_report(self, run):
         text = (run[4] / "report.md").read_text()
-        for name in STEPS:
-            assert f"| {name} | pass |" in text
+        for name in STEPS:  # the tokens step is GPU only (test_every_step_passes_and_the_exit_code_says_so)
+            assert f"| {name} | {'skip' if name == 'tokens' else 'pass'} |" in text
 
 
 def test_a_failing_step_is_reported_and_the_rest_still_run(tmp_path):
