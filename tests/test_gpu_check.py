@@ -158,6 +158,41 @@ def test_sigterm_reports_the_running_step_and_exits_143(tmp_path):
     assert [s["name"] for s in result["steps"]] == list(STEPS[:len(result["steps"])])
 
 
+def test_a_signal_between_two_steps_is_reported_on_the_step_about_to_start(tmp_path, monkeypatch):
+    """SIGTERM delivered right after a step's report was written (the moment the end-to-end test
+    above waits for) names the next step, not a finished one, and the run exits 143."""
+    import argparse
+    import signal
+
+    from tools.gpu_check import runner
+
+    args = argparse.Namespace(quick=True, no_dali=False, skip=[], out=tmp_path / "out")
+    check = runner.Check(args, "cpu", "cpu", tmp_path / "work")
+    done = []
+
+    def execute(name):
+        done.append(name)
+        return {"n": 1}
+
+    signals = []
+
+    def record(*a):
+        runner.Check.record(check, *a)
+        if len(done) == 1 and not signals:  # the first step is on disk: the signal arrives now
+            signals.append(signal.SIGTERM)
+            runner._interrupt(signal.SIGTERM, None)
+
+    monkeypatch.setattr(check, "precondition", lambda name: None)
+    monkeypatch.setattr(check, "execute", execute)
+    monkeypatch.setattr(check, "record", record)
+    assert check.run() == 143
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [s["name"] for s in report["steps"]] == list(STEPS[:2]) and done == [STEPS[0]]
+    assert report["steps"][0]["status"] == "pass"
+    assert report["steps"][1]["status"] == "fail"
+    assert report["steps"][1]["reason"].startswith("interrupted (SIGTERM)")
+
+
 def test_a_hanging_command_is_killed_with_its_children():
     started = time.perf_counter()
     script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \

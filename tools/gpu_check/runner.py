@@ -127,6 +127,15 @@ class Check:
         self.record(name, status, reason, numbers, started)
 
     def record(self, name: str, status: str, reason: str, numbers: dict, started: float) -> None:
+        # A SIGTERM/SIGINT waits until the entry and the report on disk agree (it is delivered
+        # when the mask is lifted, and then interrupts whatever comes next).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            self._record(name, status, reason, numbers, started)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def _record(self, name: str, status: str, reason: str, numbers: dict, started: float) -> None:
         entry = {"name": name, "status": status, "reason": reason, "numbers": numbers,
                  "seconds": time.perf_counter() - started}
         print(f"{name}: {status}" + (f" ({reason})" if reason else "") + f" in {entry['seconds']:.1f} s", flush=True)
@@ -266,8 +275,13 @@ class Check:
         try:
             for name in STEPS:
                 self.run_step(name)
-        except Interrupted:
+        except Interrupted as why:
             interrupted = True
+            entries = self.report["steps"]
+            pending = next((name for name in STEPS if name not in self.steps), None)
+            if pending and not (entries and entries[-1]["reason"].startswith("interrupted")):
+                # The signal came between two steps (or as one was recorded): the next one is where it stopped.
+                self.record(pending, "fail", f"interrupted ({why}) as the step was starting", {}, time.perf_counter())
         failed = [s["name"] for s in self.report["steps"] if s["status"] == "fail"]
         self.report.update(finished=now(), exit_code=143 if interrupted else 1 if failed else 0)
         write_report(self.args.out, self.report)
