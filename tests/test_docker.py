@@ -139,7 +139,7 @@ def test_runtime_writes_go_outside_the_image():
     for op, rest in dockerfile_instructions():
         if op == "ENV":
             env.update(dict(re.findall(r"(\w+)=(\S+)", rest)))
-    for name in ("HOME", "XDG_CACHE_HOME", "TORCH_HOME", "MPLCONFIGDIR"):
+    for name in ("HOME", "XDG_CACHE_HOME", "TORCH_HOME", "MPLCONFIGDIR", "RELABEL_DALI_LISTING_CACHE"):
         assert env[name].startswith("/tmp"), f"{name}={env[name]} is inside the image"
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     # The operator is built at image build time into the cache the runtime reads.

@@ -195,8 +195,12 @@ class TestListingCache:
         assert not stale.exists() and len(list((tmp_path / "cache").glob("*.listing"))) == 1
 
     def test_cache_folder_setting(self, monkeypatch, tmp_path):
+        monkeypatch.delenv("RELABEL_DALI_LISTING_CACHE", raising=False)
         monkeypatch.setenv("RELABEL_DALI_CACHE", str(tmp_path))
         assert cache_folder("auto") == tmp_path / "listings" and cache_folder("off") is None
+        monkeypatch.setenv("RELABEL_DALI_LISTING_CACHE", str(tmp_path / "node"))  # wins over the operator cache
+        assert cache_folder("auto") == tmp_path / "node" and cache_folder(str(tmp_path / "y")) == tmp_path / "y"
+        monkeypatch.delenv("RELABEL_DALI_LISTING_CACHE")
         monkeypatch.delenv("RELABEL_DALI_CACHE")
         assert cache_folder("auto") == tmp_path.home() / ".cache" / "relabel_dali" / "listings"
         assert cache_folder("~/x") == tmp_path.home() / "x"

@@ -1,7 +1,9 @@
 """Listings built once per node: a listing file named by what the listing was built from.
 
 ``data.listing_cache`` (``Dataset.listing_cache``) says where: ``auto`` is
-``$RELABEL_DALI_CACHE/listings`` (default ``~/.cache/relabel_dali/listings``), ``off`` builds the
+``$RELABEL_DALI_LISTING_CACHE`` if set, else ``$RELABEL_DALI_CACHE/listings`` (default
+``~/.cache/relabel_dali/listings``; the image sets the first to a folder under ``/tmp``, since its
+operator cache is read-only), ``off`` builds the
 listing in memory every time, anything else is a folder. The first process to need a listing
 builds it under a lock and writes it atomically; every other rank (and later run) on the node
 waits for the lock, then maps the file read-only (``listing_file.py``).
@@ -52,6 +54,8 @@ def cache_folder(setting) -> Path | None:
     if setting in (None, "off"):
         return None
     if setting == "auto":
+        if os.environ.get("RELABEL_DALI_LISTING_CACHE"):
+            return Path(os.environ["RELABEL_DALI_LISTING_CACHE"]).expanduser()
         return Path(os.environ.get("RELABEL_DALI_CACHE") or Path.home() / ".cache" / "relabel_dali") / "listings"
     return Path(setting).expanduser()
 
