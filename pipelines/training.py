@@ -11,7 +11,10 @@ whole, unflipped image), ``targets`` (float32 [num_classes]: pooled soft labels 
 has label shards, else one-hot labels), ``labels`` and ``indices`` (int64 scalars); with
 ``token_size`` S also ``token_targets`` (float32 [S*S, num_classes]: the crop pooled to an S x S
 grid, token ``r*S + c`` at row r, column c of the image as the student sees it, flipped with it)
-and ``mirror`` (int32 scalar, 1 where the image was flipped).
+and ``mirror`` (int32 scalar, 1 where the image was flipped); with ``token_compact`` the token
+targets come in compact form instead (docs/OPERATOR.md, "Compact token targets"): ``token_ids``
+(int32 [S*S, M], ascending, -1 as padding), ``token_values`` (float32 [S*S, M]) and ``token_rest``
+(float32 [S*S]), M the most classes any token of the batch touches.
 """
 from __future__ import annotations
 
@@ -24,11 +27,14 @@ from relabel_dali.data.settings import POOL_MODES, Runtime, TrainAugment
 OUTPUT_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}
 TRAIN_OUTPUTS = ("images", "boxes", "targets", "labels", "indices")
 TOKEN_OUTPUTS = TRAIN_OUTPUTS + ("token_targets", "mirror")
+COMPACT_TOKEN_OUTPUTS = TRAIN_OUTPUTS + ("token_ids", "token_values", "token_rest", "mirror")
 
 
-def train_outputs(token_size: int = 0) -> tuple[str, ...]:
+def train_outputs(token_size: int = 0, token_compact: bool = False) -> tuple[str, ...]:
     """The names of ``training_pipeline``'s outputs, in order."""
-    return TOKEN_OUTPUTS if token_size else TRAIN_OUTPUTS
+    if not token_size:
+        return TRAIN_OUTPUTS
+    return COMPACT_TOKEN_OUTPUTS if token_compact else TOKEN_OUTPUTS
 
 
 def dali_type(dtype) -> types.DALIDataType:
@@ -167,11 +173,14 @@ def resize_jitter_normalize(images, *, size, jitter, lighting, mirror, dtype, pa
 
 
 def training_pipeline(source, augment: TrainAugment, runtime: Runtime, *, num_classes: int,
-                      pool_mode: str = "softmax", fused: bool | None = None, token_size: int = 0):
+                      pool_mode: str = "softmax", fused: bool | None = None, token_size: int = 0,
+                      token_compact: bool = False):
     """The training pipeline (unbuilt). ``source``: a ``relabel_dali.data.source.SampleSource`` built
     with this ``augment``; targets are pooled from its label shards (``pool_mode``) when it has
     them, else one-hot. ``token_size`` S > 0 (label shards only) adds the token targets: the same
-    label record pooled over the same box to S x S, mirrored with the sample's flip. ``fused``
+    label record pooled over the same box to S x S, mirrored with the sample's flip; ``token_compact``
+    gives them in compact form, pooled by the CPU operator in either graph (the GPU kernel writes
+    dense targets only; the compact outputs are a tenth of the dense bytes or less). ``fused``
     (default: on the CPU) resizes and jitters with the one ``resize_jitter_normalize`` operator
     instead of DALI's resize, saturation and normalize; it is a CPU operator, so a GPU graph
     cannot use it."""
@@ -186,6 +195,8 @@ def training_pipeline(source, augment: TrainAugment, runtime: Runtime, *, num_cl
     use_relabel = source.with_labels
     if token_size and not use_relabel:
         raise ValueError(f"token_size {token_size}: token targets need a source with label shards")
+    if token_compact and not token_size:
+        raise ValueError("token_compact needs token targets: token_size 0 has none")
     if use_relabel or fused:
         from relabel_dali.ops.build import load_operators
 
@@ -211,7 +222,7 @@ def training_pipeline(source, augment: TrainAugment, runtime: Runtime, *, num_cl
             images = jitter_and_normalize(images, jitter=jitter, lighting=lighting, mirror=mirror, dtype=dtype)
         boxes = fields["box"]
         if use_relabel:
-            scores, class_ids = fields["scores"], fields["class_ids"]
+            host_scores, host_ids = scores, class_ids = fields["scores"], fields["class_ids"]
             scale, offset = fields.get("scale", 1.0), fields.get("offset", 0.0)
             if gpu:
                 scores, class_ids = scores.gpu(), class_ids.gpu()
@@ -220,6 +231,11 @@ def training_pipeline(source, augment: TrainAugment, runtime: Runtime, *, num_cl
             targets = fn.label_pool(scores, class_ids, boxes, scale=scale, offset=offset,
                                     num_classes=num_classes, mode=pool_mode,
                                     device="gpu" if gpu else "cpu")
+            if token_size and token_compact:
+                compact = fn.label_pool(host_scores, host_ids, boxes, scale=scale, offset=offset,
+                                        num_classes=num_classes, mode=pool_mode, output_size=token_size,
+                                        mirror=mirror, compact=True, device="cpu")
+                return (images, boxes, targets, labels, indices, *compact, fields["mirror"])
             if token_size:
                 tokens = fn.label_pool(scores, class_ids, boxes, scale=scale, offset=offset,
                                        num_classes=num_classes, mode=pool_mode, output_size=token_size,

@@ -11,7 +11,7 @@ from relabel_dali.data.settings import DataSettings, Dataset, Labels, Runtime, T
 KEYS = {
     (Dataset, "image_root"): "train_folder", (Dataset, "file_list"): "file_list", (Labels, "path"): "relabel.path",
     (Labels, "pool_mode"): "relabel.pool_mode", (Labels, "verify"): "verify_labels",
-    (Labels, "token_size"): "relabel.token_size",
+    (Labels, "token_size"): "relabel.token_size", (Labels, "token_compact"): "relabel.token_compact",
     (TrainAugment, "random_area"): "rrc_minimum", (Runtime, "device"): None,  # compute.device
 }
 # Defaults that differ on purpose: the trainer's are ImageNet's (1000 wnid folders, 4 threads), the

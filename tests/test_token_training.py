@@ -134,7 +134,8 @@ class TestLoader:
     def test_token_targets_equal_the_reference_and_the_rest_is_unchanged(self, token_tiny):
         def first_batch(token_size):
             loader = build_train_loader(Dataset(token_tiny / "train", num_classes=3), batch_size=8,
-                                        labels=Labels(token_tiny / "labels", token_size=token_size),
+                                        labels=Labels(token_tiny / "labels", token_size=token_size,
+                                                      token_compact=False),
                                         augment=TrainAugment(image_size=32),
                                         runtime=Runtime(num_threads=1, py_workers=1), seed=3)
             try:
@@ -269,7 +270,8 @@ class TestRelabelViTMaps:
         # Whole-image crops: the images are 40 wide, 48 high, so one area and one aspect ratio.
         augment = TrainAugment(image_size=48, random_area=(1.0, 1.0), random_aspect_ratio=(40 / 48, 40 / 48))
         loader = build_train_loader(Dataset(token_tiny / "train", class_map="imagenet", num_classes=1000),
-                                    batch_size=8, labels=Labels(labels, token_size=3), augment=augment,
+                                    batch_size=8, labels=Labels(labels, token_size=3, token_compact=False),
+                                    augment=augment,
                                     runtime=Runtime(num_threads=1, py_workers=1))
         try:
             batch = next(iter(loader))

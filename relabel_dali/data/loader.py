@@ -145,7 +145,11 @@ def build_train_loader(dataset: Dataset | str | os.PathLike, *, batch_size: int,
     "indices" [B]}`` on ``runtime.device``, ``B = batch_size`` per process. ``labels`` None gives
     one-hot targets; ``labels.token_size`` T > 0 adds ``"token_targets" [B,T*T,C]`` float32 (the
     crop's token targets, mirrored with the image) and ``"mirror" [B]`` (1: the image was
-    flipped). ``rank``/``world_size`` are the GLOBAL rank and world size."""
+    flipped); with ``labels.token_compact`` the token targets come in compact form instead:
+    ``"token_ids" [B,T*T,M]`` int32 (ascending, -1 as padding), ``"token_values" [B,T*T,M]``
+    float32 and ``"token_rest" [B,T*T]`` float32 (:class:`relabel_dali.ops.compact.CompactTargets`'
+    fields; M, the most classes any token of the batch touches, varies between batches).
+    ``rank``/``world_size`` are the GLOBAL rank and world size."""
     from pipelines.training import train_outputs, training_pipeline
 
     dataset = _dataset(dataset)
@@ -158,11 +162,12 @@ def build_train_loader(dataset: Dataset | str | os.PathLike, *, batch_size: int,
                           on_bad_sample=dataset.on_bad_sample, augment=augment)
     pool_mode = labels.pool_mode if labels is not None else "softmax"
     token_size = labels.token_size if labels is not None else 0
+    token_compact = bool(token_size) and labels.token_compact
     def make(src):
         return training_pipeline(src, augment, runtime, num_classes=dataset.num_classes, pool_mode=pool_mode,
-                                 token_size=token_size)
+                                 token_size=token_size, token_compact=token_compact)
 
-    return DaliLoader(source, make, train_outputs(token_size), device=runtime.device,
+    return DaliLoader(source, make, train_outputs(token_size, token_compact), device=runtime.device,
                       start_method=runtime.start_method)
 
 

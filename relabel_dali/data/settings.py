@@ -69,12 +69,15 @@ class Labels:
     pool_mode: str = "softmax"
     verify: str = "open"  # off; open: index and key checksums (cheap); full: every record at startup
     token_size: int = 0  # also S x S token targets per crop (TokenLabeling); 0: only the crop's target
+    token_compact: bool = True  # token targets as ids, values and rest (docs/OPERATOR.md), not [S*S, C]
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
         _one_of("pool_mode", self.pool_mode, POOL_MODES)
         _one_of("verify_labels", self.verify, VERIFY_LABELS)
         _positive("token_size", self.token_size, zero=True)
+        if not isinstance(self.token_compact, bool):
+            raise ValueError(f"token_compact must be true or false, got {self.token_compact!r}")
         if self.token_size and self.pool_mode.startswith("global"):
             raise ValueError(f"token_size {self.token_size} needs a box pool_mode (softmax or argmax): "
                              f"{self.pool_mode} pools the whole map into one target")
@@ -185,7 +188,8 @@ class DataSettings:
                                   "packed label shards (tools/pack_labels.py) or set --data.relabel.use false")
             labels = build("relabel", lambda: Labels(data.relabel.path, pool_mode=data.relabel.pool_mode,
                                                      verify=data.verify_labels,
-                                                     token_size=data.relabel.token_size))
+                                                     token_size=data.relabel.token_size,
+                                                     token_compact=data.relabel.token_compact))
         augment = build("augment", lambda: TrainAugment(
             image_size=data.image_size, random_area=(data.rrc_minimum, 1.0),
             random_aspect_ratio=tuple(data.random_aspect_ratio), flip=data.flip, color_jitter=data.color_jitter,

@@ -279,6 +279,11 @@ def load_capi() -> ctypes.CDLL:
             library.relabel_pool_cpu.argtypes = [*common[:3], i32, *common[3:], i32, pointer, ctypes.c_char_p, i32]
             library.relabel_pool_cuda.argtypes = [*common, pointer, pointer, ctypes.c_char_p, i32]
             library.relabel_pool_cpu.restype = library.relabel_pool_cuda.restype = i32
+            # The compact entry: the CPU entry's arguments up to num_threads, then slots, ids, values,
+            # rest, needed, err, err_len.
+            library.relabel_pool_cpu_compact.argtypes = [*common[:3], i32, *common[3:], i32, i32, pointer, pointer,
+                                                         pointer, pointer, ctypes.c_char_p, i32]
+            library.relabel_pool_cpu_compact.restype = i32
             library.relabel_pool_has_cuda.restype = i32
             _capi = library
         return _capi

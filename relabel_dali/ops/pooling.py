@@ -10,6 +10,7 @@ import ctypes
 
 import torch
 
+from relabel_dali.ops.compact import CompactTargets
 from relabel_dali.store.format import MAX_CLASSES
 
 MODES = {"softmax": 0, "argmax": 1, "global_softmax": 2, "global_argmax": 3}
@@ -137,6 +138,19 @@ def kernel_arguments(scores, class_ids, boxes, num_classes: int, mode: str, scal
     return [scores.data_ptr(), SCORE_TYPES[scores.dtype], ids.data_ptr(), *per_sample], [scores, ids, *keep]
 
 
+def _check_compact(compact, compact_slots, output_size) -> None:
+    if not isinstance(compact, bool):
+        raise TypeError(f"compact: expected a bool, got {compact!r}")
+    if compact_slots is not None and not compact:
+        raise ValueError(f"compact_slots {compact_slots!r} needs compact=True")
+    if compact and output_size is None:
+        raise ValueError("compact=True needs token targets: pass output_size S (1 for one token per crop)")
+    if compact_slots is not None and (isinstance(compact_slots, bool) or not isinstance(compact_slots, int)
+                                      or compact_slots < 1):
+        raise ValueError(f"compact_slots {compact_slots!r}: expected None (as many as the batch needs) or an "
+                         f"int >= 1")
+
+
 def raise_for_code(code: int, err) -> None:
     """The native entries' failure codes as Python errors (RELABEL_CUDA_ERROR = 4 is a RuntimeError)."""
     if code != 0:
@@ -145,9 +159,10 @@ def raise_for_code(code: int, err) -> None:
 
 def pool_labels(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tensor, num_classes: int = 1000,
                 mode: str = "softmax", scale=None, offset=None, validate: bool = True, output_size: int | None = None,
-                mirror=None) -> torch.Tensor:
+                mirror=None, compact: bool = False, compact_slots: int | None = None) -> torch.Tensor | CompactTargets:
     """Pools top-k label maps over crop boxes: returns float32 ``[N, num_classes]`` targets, or with
-    ``output_size`` S the token targets ``[N, S*S, num_classes]``.
+    ``output_size`` S the token targets ``[N, S*S, num_classes]``, or with ``compact=True`` (CPU tensors
+    only) those token targets as :class:`CompactTargets`.
 
     ``scores`` [N, k, H, W] float32/float16/uint8 (uint8 reads as ``offset + scale * q`` with per-sample
     ``scale``/``offset``, default 1 and 0; float scores ignore them), ``class_ids`` [N, k, H, W] of any
@@ -160,11 +175,25 @@ def pool_labels(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tens
     ``r * S + c`` at row r, column c of the crop as the student sees it after the flip; ``mirror`` [N]
     (bool or integers, or one for all) says which crops were flipped. S = 1 gives the per-crop targets,
     bit for bit, as ``[N, 1, C]``.
+
+    Compact token targets (``compact=True``, docs/OPERATOR.md "Compact token targets"): ``ids [N, S*S, M]``
+    int32 ascending with -1 as padding, ``values [N, S*S, M]`` float32 equal bit for bit to the dense
+    targets at those ids (0 at the padding), ``rest [N, S*S]`` the dense value of every other class (0
+    where no class is left). Softmax modes keep the classes each token's window touches, argmax modes
+    the one class. ``M`` is ``compact_slots``, or by default the most any token of the batch needs (at
+    least 1); a token needing more than ``compact_slots`` raises naming the sample and the token.
     """
     from relabel_dali.ops.build import load_capi
 
     n, k, h, w = _check_inputs(scores, class_ids, boxes, num_classes, mode, output_size)
+    _check_compact(compact, compact_slots, output_size)
     device = scores.device
+    if compact:
+        if device.type != "cpu":
+            raise ValueError(f"compact=True pools on the CPU only (the CUDA kernel writes dense token targets), "
+                             f"got tensors on {device}")
+        return _pool_compact_cpu(scores, class_ids, boxes, num_classes, mode, scale, offset, output_size, mirror,
+                                 compact_slots)
     out = torch.empty(output_shape(n, num_classes, output_size), dtype=torch.float32, device=device)
     if n == 0:
         return out
@@ -196,3 +225,37 @@ def pool_labels(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tens
         raise ValueError(f"pool_labels runs on cpu or cuda tensors, got {device}")
     raise_for_code(code, err)
     return out
+
+
+def _pool_compact_cpu(scores, class_ids, boxes, num_classes, mode, scale, offset, output_size, mirror,
+                      slots) -> CompactTargets:
+    """pool_labels(compact=True) on CPU tensors: the native entry counts each sample's slots (unless
+    ``slots`` is given), then pools into [N, S*S, M] outputs."""
+    from relabel_dali.ops.build import load_capi
+
+    n, tokens = scores.shape[0], output_size * output_size
+    library = load_capi()
+    err = ctypes.create_string_buffer(1024)
+    scores = scores.contiguous()
+    if class_ids.dtype not in ID_TYPES:
+        class_ids = class_ids.to(torch.int64)
+    class_ids = class_ids.contiguous()
+    per_sample, _keep = _per_sample_arguments(scores, boxes, num_classes, mode, scale, offset, output_size, mirror)
+    head = [scores.data_ptr(), SCORE_TYPES[scores.dtype], class_ids.data_ptr(), ID_TYPES[class_ids.dtype],
+            *per_sample, torch.get_num_threads()]
+    if slots is None:
+        if n == 0:
+            slots = 1
+        else:
+            needed = torch.zeros(n, dtype=torch.int32)
+            code = library.relabel_pool_cpu_compact(*head, 0, None, None, None, needed.data_ptr(), err, len(err))
+            raise_for_code(code, err)
+            slots = max(int(needed.max()), 1)
+    ids = torch.empty(n, tokens, slots, dtype=torch.int32)
+    values = torch.empty(n, tokens, slots, dtype=torch.float32)
+    rest = torch.empty(n, tokens, dtype=torch.float32)
+    if n:
+        code = library.relabel_pool_cpu_compact(*head, slots, ids.data_ptr(), values.data_ptr(), rest.data_ptr(),
+                                                None, err, len(err))
+        raise_for_code(code, err)
+    return CompactTargets(ids, values, rest)

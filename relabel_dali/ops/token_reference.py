@@ -113,12 +113,19 @@ def token_logits(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Ten
 
 def pool_tokens_reference(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tensor,
                           mirror: torch.Tensor, output_size: int, num_classes: int = 1000,
-                          geometry: str = "image") -> torch.Tensor:
+                          geometry: str = "image", compact: bool = False,
+                          compact_slots: int | None = None) -> torch.Tensor | CompactTargets:
     """Token targets ``[B, S*S, C]`` of canonical ``[B, k, y, x]`` maps over boxes ``(x0, y0, x1, y1)``
     (normalized to the whole unflipped image) and flips ``mirror [B]``: the reference the native
     operator is checked against. ``geometry="tokenlabeling"`` is :func:`token_label_pool` (their
-    files are canonical as they stand)."""
+    files are canonical as they stand). ``compact=True`` gives :func:`compact_token_targets` (with
+    ``compact_slots`` as its ``slots``), as ``pool_labels(compact=True)`` takes the options."""
     _check(output_size, geometry)
+    if compact:
+        return compact_token_targets(scores, class_ids, boxes, mirror, output_size, num_classes, geometry,
+                                     slots=compact_slots)
+    if compact_slots is not None:
+        raise ValueError(f"compact_slots {compact_slots!r} needs compact=True")
     if geometry == "tokenlabeling":
         return token_label_pool(scores, class_ids, boxes, mirror, output_size, num_classes)
     return torch.softmax(token_logits(scores, class_ids, boxes, mirror, output_size, num_classes, geometry), -1)
@@ -126,24 +133,33 @@ def pool_tokens_reference(scores: torch.Tensor, class_ids: torch.Tensor, boxes: 
 
 def compact_token_targets(scores: torch.Tensor, class_ids: torch.Tensor, boxes: torch.Tensor,
                           mirror: torch.Tensor, output_size: int, num_classes: int = 1000,
-                          geometry: str = "image") -> CompactTargets:
+                          geometry: str = "image", slots: int | None = None) -> CompactTargets:
     """:func:`pool_tokens_reference` in compact form: per token the classes its pooled window
     touches (ascending ids), their probabilities, and the probability every other class shares.
     A class is touched when a cell holding it in its top-k gets a positive weight from one of the
-    window's sampling points; every other class pools to logit exactly 0."""
+    window's sampling points; every other class pools to logit exactly 0. ``m`` is ``slots``, or the
+    most classes any token touches (at least 1); a token touching more than ``slots`` raises."""
     logits = token_logits(scores, class_ids, boxes, mirror, output_size, num_classes, geometry)
     touched = token_logits(torch.ones_like(scores, dtype=torch.float32), class_ids, boxes, mirror, output_size,
                            num_classes, geometry) > 0
     count = touched.sum(-1)
     m = max(int(count.max()), 1) if count.numel() else 1
+    if slots is not None:
+        if m > slots:
+            b, t = (int(i) for i in torch.nonzero(count > slots)[0])
+            raise ValueError(f"sample {b}, token {t}: {int(count[b, t])} classes, more than the {slots} compact slots")
+        m = slots
     # A stable sort puts the touched classes first, in ascending id order.
     order = torch.sort(touched.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :m]
+    if order.shape[-1] < m:  # more slots than classes
+        order = torch.cat([order, order.new_zeros(*order.shape[:-1], m - order.shape[-1])], -1)
     valid = torch.arange(m, device=logits.device) < count.unsqueeze(-1)
     log_z = torch.logsumexp(logits, -1, keepdim=True)
     values = torch.exp(logits.gather(-1, order) - log_z)
+    # rest: 0 where a token touches every class (no class is left to have it), as the operator writes
+    rest = torch.where(count < num_classes, torch.exp(-log_z).squeeze(-1), 0.0)
     return CompactTargets(ids=torch.where(valid, order, -1).to(torch.int32),
-                          values=torch.where(valid, values, 0.0),
-                          rest=torch.exp(-log_z).squeeze(-1))
+                          values=torch.where(valid, values, 0.0), rest=rest)
 
 
 def object_topk_maps(n: int, k: int, size: int, num_classes: int, generator: torch.Generator,

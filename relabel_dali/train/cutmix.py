@@ -12,6 +12,8 @@ import math
 import torch
 
 from relabel_dali.data.transfer import host_to_device
+from relabel_dali.ops.compact import CompactTargets
+from relabel_dali.ops.compact import mix as compact_mix
 
 
 def cutmix_box(height: int, width: int, lam: float, generator: torch.Generator | None = None):
@@ -90,23 +92,31 @@ def token_cover(box, height: int, width: int, size: int, device=None) -> torch.T
     return cover.reshape(-1).to(device=device, dtype=torch.float32)
 
 
-def cutmix_batch_tokens(images: torch.Tensor, targets: torch.Tensor, token_targets: torch.Tensor, *,
-                        prob: float = 1.0, beta: float = 1.0, generator: torch.Generator | None = None):
+def cutmix_batch_tokens(images: torch.Tensor, targets: torch.Tensor, token_targets: torch.Tensor | CompactTargets,
+                        *, prob: float = 1.0, beta: float = 1.0, generator: torch.Generator | None = None):
     """:func:`cutmix_batch` (the same draws, so the same boxes, partners and images for a seed) that
     also cuts the box out of the token targets ``[B, S*S, C]``: a token whose patch lies inside the
     box takes its partner's token target, one outside keeps its own, and one the box's edge crosses
     mixes the two by the share of its patch inside the box (:func:`token_cover`). The class-token
-    targets mix by area as in :func:`cutmix_batch`. Returns ``(images, targets, token_targets, lam)``."""
+    targets mix by area as in :func:`cutmix_batch`. Token targets in compact form
+    (:class:`CompactTargets`, ``[B, S*S, m]``) mix by :func:`relabel_dali.ops.compact.mix`, equal to
+    the dense mix bit for bit. Returns ``(images, targets, token_targets, lam)``."""
     _check(images, targets, prob, beta)
-    size = math.isqrt(token_targets.shape[1]) if token_targets.ndim == 3 else 0
-    if token_targets.ndim != 3 or token_targets.shape[0] != images.shape[0] or size * size != token_targets.shape[1]:
-        raise ValueError(f"token_targets: expected [B={images.shape[0]}, S*S, num_classes], got shape "
-                         f"{tuple(token_targets.shape)}")
+    compact = isinstance(token_targets, CompactTargets)
+    shape = tuple(token_targets.ids.shape if compact else token_targets.shape)
+    size = math.isqrt(shape[1]) if len(shape) == 3 else 0
+    if len(shape) != 3 or shape[0] != images.shape[0] or size * size != shape[1]:
+        raise ValueError(f"token_targets: expected [B={images.shape[0]}, S*S, {'m' if compact else 'num_classes'}]"
+                         f"{' (compact)' if compact else ''}, got shape {shape}")
     drawn = _draw(images, prob, beta, generator)
     if drawn is None:
         return images, targets, token_targets, 1.0
     box, perm = drawn
-    cover = token_cover(box, *images.shape[-2:], size, device=token_targets.device).view(1, -1, 1)
-    token_targets = (1.0 - cover) * token_targets + cover * token_targets[perm]
+    if compact:
+        cover = token_cover(box, *images.shape[-2:], size, device=token_targets.values.device).view(1, -1)
+        token_targets = compact_mix(token_targets, token_targets.index(perm), cover)
+    else:
+        cover = token_cover(box, *images.shape[-2:], size, device=token_targets.device).view(1, -1, 1)
+        token_targets = (1.0 - cover) * token_targets + cover * token_targets[perm]
     images, targets, lam = _paste(images, targets, box, perm)
     return images, targets, token_targets, lam

@@ -31,7 +31,7 @@ from relabel_dali.data.settings import DataSettings
 @dataclass
 class Data:
     # loader.DaliLoader: dicts {"images", "targets", "labels", "boxes", "indices"} (with token labels
-    # also "token_targets", "mirror")
+    # also "token_targets", or "token_ids", "token_values", "token_rest" in compact form, and "mirror")
     train: object
     val: object  # iterable of dicts {"images", "labels", "indices", "valid"}
     val_keys: list[str]  # validation sample keys, indexed by the batches' "indices"
@@ -170,6 +170,18 @@ def to_device(batch: dict, device: torch.device, channels_last: bool, amp: str =
     return images, batch
 
 
+def token_targets_of(batch: dict, device: torch.device):
+    """A batch's token targets on ``device``: dense float32 ``[B, T, C]`` ("token_targets"), compact
+    (``CompactTargets`` of "token_ids", "token_values", "token_rest"), or None without token labels."""
+    if "token_targets" in batch:
+        return on_device(batch["token_targets"], device).float()
+    if "token_ids" in batch:
+        from relabel_dali.ops.compact import CompactTargets
+
+        return CompactTargets(*(on_device(batch[f"token_{name}"], device) for name in ("ids", "values", "rest")))
+    return None
+
+
 def cutmix_active(cfg: Config, epoch: int) -> bool:
     cutmix = cfg.data.cutmix
     return cutmix.prob > 0 and cutmix.beta > 0 and epoch < cfg.optim.epochs - cutmix.off_epoch
@@ -203,9 +215,8 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, cfg: Config, epo
         wait_s += fetched - last
         images, batch = to_device(batch, env.device, cfg.model.channels_last, cfg.compute.amp)
         targets = on_device(batch["targets"], env.device).float()
-        tokens = batch.get("token_targets")
+        tokens = token_targets_of(batch, env.device)
         if tokens is not None:  # token labels (data.relabel.token_size): LV-ViT's two losses
-            tokens = on_device(tokens, env.device).float()
             if use_cutmix:
                 images, targets, tokens, _ = cutmix_batch_tokens(images, targets, tokens, prob=cfg.data.cutmix.prob,
                                                                  beta=cfg.data.cutmix.beta, generator=generator)
@@ -218,8 +229,8 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, cfg: Config, epo
             logits = model(images)
         if tokens is not None:
             logits, token_logits = logits
-            loss = token_label_loss(logits, token_logits, targets, smooth_targets(tokens, cfg.optim.label_smoothing),
-                                    cfg.optim.token_loss_weight)
+            tokens = smooth_targets(tokens, cfg.optim.label_smoothing, num_classes=targets.shape[-1])
+            loss = token_label_loss(logits, token_logits, targets, tokens, cfg.optim.token_loss_weight)
         else:
             loss = soft_target_cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)

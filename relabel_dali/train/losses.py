@@ -52,12 +52,17 @@ def token_label_loss(logits: torch.Tensor, token_logits: torch.Tensor, targets: 
     return soft_target_cross_entropy(logits, targets) + token_weight * token_loss
 
 
-def smooth_targets(targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+def smooth_targets(targets: torch.Tensor | CompactTargets, smoothing: float,
+                   num_classes: int | None = None) -> torch.Tensor | CompactTargets:
     """t * (1 - s) + s / C over all C classes, the last dimension (the official smoothing of soft
-    targets; token targets [B, T, C] alike). It is linear, so smoothing before or after CutMix's
-    convex mix gives the same targets."""
+    targets; token targets [B, T, C] alike; compact token targets given ``num_classes``). It is
+    linear, so smoothing before or after CutMix's convex mix gives the same targets."""
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"optim.label_smoothing must be in [0, 1), got {smoothing}")
+    if isinstance(targets, CompactTargets):
+        if num_classes is None:
+            raise ValueError("smooth_targets: compact targets need num_classes")
+        return targets.smooth(smoothing, num_classes)
     if smoothing == 0.0:
         return targets
     return targets * (1.0 - smoothing) + smoothing / targets.shape[-1]

@@ -279,7 +279,8 @@ def child_train(s: dict, variant: str) -> dict:
 
 def child_tokens(s: dict) -> dict:
     """The GPU training graph's token targets against pool_labels on the CPU over the same label
-    records, boxes and flips: the same bits expected (docs/OPERATOR.md)."""
+    records, boxes and flips: the same bits expected (docs/OPERATOR.md). Dense (the GPU kernel), then
+    compact (the CPU operator inside the GPU graph, its outputs moved to the GPU by the loader)."""
     import numpy as np
     import torch
 
@@ -291,31 +292,44 @@ def child_tokens(s: dict) -> dict:
 
     data = Path(s["work"]) / "data"
     size = s["image_size"] // TOKEN_PATCH
-    labels = Labels(data / "labels", token_size=size)
-    loader = build_train_loader(Dataset(data / "train", num_classes=1000, preflight_decodes=0), batch_size=32,
-                                labels=labels, augment=TrainAugment(image_size=s["image_size"]),
-                                runtime=Runtime(device="cuda:0" if s["device"] == "cuda" else "cpu",
-                                                start_method="spawn" if s["device"] == "cuda" else "fork",
-                                                num_threads=2, py_workers=2))
-    try:
-        batch = next(iter(loader))
-        keys = loader.source.keys
-    finally:
-        loader.close()
     reader = LabelShardReader(data / "labels")
-    records = [reader.record(keys[i]) for i in batch["indices"].tolist()]
-    scores = torch.from_numpy(np.stack([r.scores for r in records]))
-    ids = torch.from_numpy(np.stack([r.class_ids for r in records]).astype(np.int64))
-    scale = torch.tensor([float(r.scale) for r in records])
-    offset = torch.tensor([float(r.offset) for r in records])
-    expected = pool_labels(scores, ids, batch["boxes"].cpu(), 1000, scale=scale, offset=offset, output_size=size,
-                           mirror=batch["mirror"].cpu())
-    got = batch["token_targets"].cpu()
-    diff = float((got - expected).abs().max())
-    numbers = {"token_size": size, "batch": len(records), "mirrored": int(batch["mirror"].sum()),
-               "max_abs_diff_vs_cpu": diff, "bit_identical": bool(torch.equal(got, expected))}
-    if diff > TOLERANCE:
-        raise StepFailure(f"GPU token targets differ from pool_labels on the CPU by {diff:.3g}", numbers)
+    numbers = {"token_size": size}
+    for compact in (False, True):
+        labels = Labels(data / "labels", token_size=size, token_compact=compact)
+        loader = build_train_loader(Dataset(data / "train", num_classes=1000, preflight_decodes=0), batch_size=32,
+                                    labels=labels, augment=TrainAugment(image_size=s["image_size"]),
+                                    runtime=Runtime(device="cuda:0" if s["device"] == "cuda" else "cpu",
+                                                    start_method="spawn" if s["device"] == "cuda" else "fork",
+                                                    num_threads=2, py_workers=2))
+        try:
+            batch = next(iter(loader))
+            keys = loader.source.keys
+        finally:
+            loader.close()
+        records = [reader.record(keys[i]) for i in batch["indices"].tolist()]
+        scores = torch.from_numpy(np.stack([r.scores for r in records]))
+        ids = torch.from_numpy(np.stack([r.class_ids for r in records]).astype(np.int64))
+        scale = torch.tensor([float(r.scale) for r in records])
+        offset = torch.tensor([float(r.offset) for r in records])
+        expected = pool_labels(scores, ids, batch["boxes"].cpu(), 1000, scale=scale, offset=offset, output_size=size,
+                               mirror=batch["mirror"].cpu(), compact=compact)
+        if compact:
+            got = [batch[f"token_{name}"].cpu() for name in ("ids", "values", "rest")]
+            want = [expected.ids, expected.values, expected.rest]
+            diff = max(float((g.double() - w.double()).abs().max()) for g, w in zip(got, want))
+            same = all(torch.equal(g, w) for g, w in zip(got, want))
+            numbers.update(compact_slots=int(expected.ids.shape[-1]), compact_max_abs_diff_vs_cpu=diff,
+                           compact_bit_identical=same, compact_on_device=str(batch["token_values"].device))
+            if not same:
+                raise StepFailure(f"compact token targets differ from pool_labels(compact=True) on the CPU by "
+                                  f"{diff:.3g}", numbers)
+        else:
+            got = batch["token_targets"].cpu()
+            diff = float((got - expected).abs().max())
+            numbers.update(batch=len(records), mirrored=int(batch["mirror"].sum()), max_abs_diff_vs_cpu=diff,
+                           bit_identical=bool(torch.equal(got, expected)))
+            if diff > TOLERANCE:
+                raise StepFailure(f"GPU token targets differ from pool_labels on the CPU by {diff:.3g}", numbers)
     return numbers
 
 

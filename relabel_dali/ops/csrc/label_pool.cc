@@ -23,6 +23,7 @@ sampling_ratio=-1, roi = box * size - 0.5) and takes a softmax over all classes,
 and ``global_argmax`` use the mean over the whole map and ignore the box.)")
     .NumInput(3)
     .NumOutput(1)
+    .OutputFn([](const OpSpec &spec) { return spec.GetArgument<bool>("compact") ? 3 : 1; })
     .InputDevice(2, InputDevice::CPU)
     .AddOptionalArg("num_classes", "Length of the output class vector; class ids >= num_classes are ignored.", 1000)
     .AddOptionalArg("mode", "softmax, argmax, global_softmax or global_argmax.", std::string("softmax"))
@@ -31,32 +32,65 @@ and ``global_argmax`` use the mean over the whole map and ignore the box.)")
     .AddOptionalArg("output_size", "Tokens per side S of the token targets [S*S, num_classes] (softmax and "
                     "argmax modes); 0 gives one [num_classes] target per crop.", 0)
     .AddOptionalArg("mirror", "Per-sample horizontal flip of the crop (bool or integer, nonzero = flipped), the "
-                    "one the image got: token columns are reversed. No effect without output_size.", 0, true);
+                    "one the image got: token columns are reversed. No effect without output_size.", 0, true)
+    .AddOptionalArg("compact", "Token targets in compact form (needs output_size; CPU backend only): three outputs "
+                    "per sample, ids [S*S, M] int32 (ascending, -1 as padding), values [S*S, M] float32 (each "
+                    "id's probability, bit for bit the dense target's; 0 at the padding) and rest [S*S] float32 "
+                    "(the probability of every class not among the token's ids). Softmax modes hold the classes "
+                    "the token's window touches, argmax modes the one class (value 1, rest 0).", false)
+    .AddOptionalArg("compact_slots", "M of the compact outputs: 0 takes the most classes any token of the batch "
+                    "touches (at least 1), so M varies between batches; M >= 1 fixes it, and a token touching more "
+                    "classes fails naming the sample and token.", 0);
 
 }  // namespace dali
 
 namespace relabel_dali {
 
 template <>
+void LabelPool<dali::CPUBackend>::RunCompact(dali::Workspace &ws) {
+  const auto &scores = ws.Input<dali::CPUBackend>(0);
+  const auto &class_ids = ws.Input<dali::CPUBackend>(1);
+  const auto &boxes = ws.Input<dali::CPUBackend>(2);
+  auto &ids = ws.Output<dali::CPUBackend>(0);
+  auto &values = ws.Output<dali::CPUBackend>(1);
+  auto &rest = ws.Output<dali::CPUBackend>(2);
+  auto &pool = ws.GetThreadPool();
+  const int n = scores.num_samples();
+  ReserveScratch(scores, pool.NumThreads());
+  for (int i = 0; i < n; ++i) {
+    pool.AddWork([&, i](int thread) {
+      const auto shape = scores.shape().tensor_shape_span(i);
+      const SampleView sample{scores.raw_tensor(i), score_type_, static_cast<const uint16_t *>(class_ids.raw_tensor(i)),
+                              static_cast<int>(shape[0]), static_cast<int>(shape[1]), static_cast<int>(shape[2]),
+                              static_cast<const float *>(boxes.raw_tensor(i)), scale_[i].data[0], offset_[i].data[0]};
+      int count = 0;
+      const int token = pool_tokens_compact_host(sample, num_classes_, mode_, output_size_, mirror_[i] != 0, slots_,
+                                                 static_cast<int32_t *>(ids.raw_mutable_tensor(i)),
+                                                 static_cast<float *>(values.raw_mutable_tensor(i)),
+                                                 static_cast<float *>(rest.raw_mutable_tensor(i)), &count,
+                                                 scratch_[thread].view);
+      // SetupImpl counted the same classes: reaching this is a bug, not bad input.
+      DALI_ENFORCE(token < 0, dali::make_string("LabelPool: internal error: sample ", i, ", token ", token,
+                                                " needs ", count, " compact slots, SetupImpl allowed ", slots_));
+    }, -i);
+  }
+  pool.RunAll();
+}
+
+template <>
 void LabelPool<dali::CPUBackend>::RunImpl(dali::Workspace &ws) {
   const auto &scores = ws.Input<dali::CPUBackend>(0);
   const auto &class_ids = ws.Input<dali::CPUBackend>(1);
   const auto &boxes = ws.Input<dali::CPUBackend>(2);
-  auto &output = ws.Output<dali::CPUBackend>(0);
   auto &pool = ws.GetThreadPool();
   const int n = scores.num_samples();
-
-  // One scratch per pool thread, sized for the largest map of the batch.
-  int max_k = 1, max_h = 1, max_w = 1;
-  for (int i = 0; i < n; ++i) {
-    const auto shape = scores.shape().tensor_shape_span(i);
-    max_k = std::max<int>(max_k, shape[0]);
-    max_h = std::max<int>(max_h, shape[1]);
-    max_w = std::max<int>(max_w, shape[2]);
+  if (compact_) {
+    RunCompact(ws);
+    return;
   }
-  const int threads = pool.NumThreads();
-  scratch_.resize(threads);
-  for (auto &s : scratch_) s.Reserve(max_k, max_h, max_w, num_classes_);
+  auto &output = ws.Output<dali::CPUBackend>(0);
+
+  ReserveScratch(scores, pool.NumThreads());
   const int grid = grid_size();
 
   // Class ids >= num_classes are skipped, as the GPU backend (which cannot raise) skips them.

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "dali/pipeline/operator/arg_helper.h"
@@ -15,7 +16,7 @@ namespace relabel_dali {
 
 // DALI before dali/core/dali_data_type.h (1.35 and older) declares the type ids in namespace dali.
 #if !__has_include("dali/core/dali_data_type.h")
-using dali::DALI_BOOL, dali::DALI_FLOAT, dali::DALI_FLOAT16, dali::DALI_UINT16, dali::DALI_UINT8;
+using dali::DALI_BOOL, dali::DALI_FLOAT, dali::DALI_FLOAT16, dali::DALI_INT32, dali::DALI_UINT16, dali::DALI_UINT8;
 #endif
 
 inline int parse_pool_mode(const std::string &mode) {
@@ -35,6 +36,8 @@ class LabelPool : public dali::Operator<Backend> {
         num_classes_(spec.GetArgument<int>("num_classes")),
         mode_(parse_pool_mode(spec.GetArgument<std::string>("mode"))),
         output_size_(spec.GetArgument<int>("output_size")),
+        compact_(spec.GetArgument<bool>("compact")),
+        compact_slots_(spec.GetArgument<int>("compact_slots")),
         scale_("scale", spec),
         offset_("offset", spec) {
     DALI_ENFORCE(num_classes_ >= 1 && num_classes_ <= 65536,
@@ -43,6 +46,17 @@ class LabelPool : public dali::Operator<Backend> {
     if (output_size_ != 0)
       if (const char *problem = output_size_problem(mode_, output_size_))
         DALI_FAIL(dali::make_string("LabelPool: output_size ", output_size_, " ", problem));
+    DALI_ENFORCE(compact_slots_ >= 0, dali::make_string("LabelPool: compact_slots = ", compact_slots_,
+                                                        ", expected >= 1, or 0 (as many as the batch needs)"));
+    DALI_ENFORCE(compact_ || compact_slots_ == 0,
+                 dali::make_string("LabelPool: compact_slots = ", compact_slots_, " needs compact=True"));
+    if (compact_) {
+      DALI_ENFORCE(output_size_ >= 1, "LabelPool: compact=True needs token targets: set output_size >= 1");
+      // The GPU kernel writes dense targets only; the compact form is pooled on the CPU backend.
+      DALI_ENFORCE((std::is_same_v<Backend, dali::CPUBackend>),
+                   "LabelPool: compact=True is implemented on the CPU backend only (device=\"cpu\"); the GPU "
+                   "backend writes dense token targets (compact=False)");
+    }
   }
 
  protected:
@@ -84,6 +98,15 @@ class LabelPool : public dali::Operator<Backend> {
     scale_.Acquire(this->spec_, ws, n);
     offset_.Acquire(this->spec_, ws, n);
     AcquireMirror(ws, n);
+    if (compact_) {
+      if constexpr (std::is_same_v<Backend, dali::CPUBackend>) slots_ = CompactSlots(ws, n);
+      const int tokens = output_size_ * output_size_;
+      output_desc.resize(3);
+      output_desc[0] = {dali::uniform_list_shape(n, dali::TensorShape<2>{tokens, slots_}), DALI_INT32};
+      output_desc[1] = {dali::uniform_list_shape(n, dali::TensorShape<2>{tokens, slots_}), DALI_FLOAT};
+      output_desc[2] = {dali::uniform_list_shape(n, dali::TensorShape<1>{tokens}), DALI_FLOAT};
+      return true;
+    }
     output_desc.resize(1);
     output_desc[0].type = DALI_FLOAT;
     if (output_size_ == 0)
@@ -91,6 +114,63 @@ class LabelPool : public dali::Operator<Backend> {
     else
       output_desc[0].shape = dali::uniform_list_shape(n, dali::TensorShape<2>{output_size_ * output_size_, num_classes_});
     return true;
+  }
+
+  // The compact outputs' slots per token, one number for the batch (CPU backend): compact_slots when
+  // set, else the most classes any token of the batch needs (at least 1). Counting the touched classes
+  // reads the class ids and the boxes, not the scores; a token needing more than compact_slots fails
+  // here, naming the sample and the token.
+  int CompactSlots(const dali::Workspace &ws, int n) {
+    const auto &class_ids = ws.template Input<dali::CPUBackend>(1);
+    const auto &boxes = ws.template Input<dali::CPUBackend>(2);
+    ReserveScratch(ws.template Input<dali::CPUBackend>(0), ws.GetThreadPool().NumThreads());
+    needed_.assign(n, 0);
+    auto &pool = ws.GetThreadPool();
+    for (int i = 0; i < n; ++i) {
+      pool.AddWork([&, i](int thread) {
+        const auto shape = class_ids.shape().tensor_shape_span(i);
+        const SampleView sample{nullptr, score_type_, static_cast<const uint16_t *>(class_ids.raw_tensor(i)),
+                                static_cast<int>(shape[0]), static_cast<int>(shape[1]), static_cast<int>(shape[2]),
+                                static_cast<const float *>(boxes.raw_tensor(i)), 1.0f, 0.0f};
+        needed_[i] = compact_sample_needs(sample, num_classes_, mode_, output_size_, mirror_[i] != 0,
+                                          scratch_[thread].view);
+      }, -i);
+    }
+    pool.RunAll();
+    const int most = std::max(1, *std::max_element(needed_.begin(), needed_.end()));
+    if (compact_slots_ == 0) return most;
+    for (int i = 0; i < n; ++i) {
+      if (needed_[i] <= compact_slots_) continue;
+      const auto shape = class_ids.shape().tensor_shape_span(i);
+      const SampleView sample{nullptr, score_type_, static_cast<const uint16_t *>(class_ids.raw_tensor(i)),
+                              static_cast<int>(shape[0]), static_cast<int>(shape[1]), static_cast<int>(shape[2]),
+                              static_cast<const float *>(boxes.raw_tensor(i)), 1.0f, 0.0f};
+      for (int t = 0;; ++t) {
+        const int count = count_token_classes(sample, num_classes_, mode_, output_size_, token_row_bin(t, output_size_),
+                                              token_col_bin(t, output_size_, mirror_[i] != 0), scratch_[0].view);
+        if (count > compact_slots_)
+          DALI_FAIL(dali::make_string("LabelPool: sample ", i, ", token ", t, " (row ", t / output_size_,
+                                      ", column ", t % output_size_, ") touches ", count,
+                                      " classes, more than compact_slots = ", compact_slots_,
+                                      ": raise compact_slots to at least ", most, " (this batch's most), or set it "
+                                      "to 0 (as many as each batch needs)"));
+      }
+    }
+    return compact_slots_;
+  }
+
+  // One scratch per pool thread, sized for the largest map of the batch.
+  template <typename Input>
+  void ReserveScratch(const Input &scores, int threads) {
+    int max_k = 1, max_h = 1, max_w = 1;
+    for (int i = 0; i < scores.num_samples(); ++i) {
+      const auto shape = scores.shape().tensor_shape_span(i);
+      max_k = std::max<int>(max_k, shape[0]);
+      max_h = std::max<int>(max_h, shape[1]);
+      max_w = std::max<int>(max_w, shape[2]);
+    }
+    scratch_.resize(threads);
+    for (auto &s : scratch_) s.Reserve(max_k, max_h, max_w, num_classes_);
   }
 
   // The per-sample flips: a constant or an argument input of any integer or bool type, one value per
@@ -122,6 +202,7 @@ class LabelPool : public dali::Operator<Backend> {
   int grid_size() const { return output_size_ == 0 ? 1 : output_size_; }
 
   void RunImpl(dali::Workspace &ws) override;
+  void RunCompact(dali::Workspace &ws);  // CPU backend only
 
   static int ScoreTypeOf(dali::DALIDataType type) {
     if (type == DALI_FLOAT) return kScoreFloat32;
@@ -133,6 +214,10 @@ class LabelPool : public dali::Operator<Backend> {
   int num_classes_;
   int mode_;
   int output_size_;  // 0: [num_classes] per sample; S >= 1: [S * S, num_classes]
+  bool compact_;      // token targets as ids [S * S, slots], values [S * S, slots], rest [S * S]
+  int compact_slots_;  // 0: as many slots as the batch needs
+  int slots_ = 1;      // this iteration's slots per token (compact)
+  std::vector<int> needed_;  // per sample, the most classes one of its tokens needs (compact)
   int score_type_ = kScoreFloat32;
   dali::ArgValue<float> scale_, offset_;
   std::vector<uint8_t> mirror_;  // per sample, this iteration

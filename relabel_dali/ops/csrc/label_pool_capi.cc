@@ -79,12 +79,13 @@ size_t id_size(int id_type) {
   return id_type == RELABEL_ID_INT64 ? 8 : id_type == RELABEL_ID_INT32 ? 4 : id_type == RELABEL_ID_UINT8 ? 1 : 2;
 }
 
-}  // namespace
-
-extern "C" int relabel_pool_cpu(const void *scores, int score_type, const void *class_ids, int id_type,
-                                const float *boxes, const float *scale, const float *offset, int64_t n, int k, int h,
-                                int w, int num_classes, int mode, int output_size, const uint8_t *mirror,
-                                int num_threads, float *out, char *err, int err_len) {
+// The CPU entries' shared part: checks the arguments, then runs pool_one(i, sample, scratch, message)
+// on every sample over a few std::threads after validating its box and class ids; pool_one returns
+// RELABEL_OK or a code with its reason in message. The lowest failing sample's error is returned.
+template <typename PoolOne>
+int run_cpu_batch(const void *scores, int score_type, const void *class_ids, int id_type, const float *boxes,
+                  const float *scale, const float *offset, int64_t n, int k, int h, int w, int num_classes, int mode,
+                  int output_size, int num_threads, char *err, int err_len, PoolOne pool_one) {
   if (n < 0 || k < 1 || h < 1 || w < 1)
     return fail(err, err_len, RELABEL_BAD_ARGUMENT, "map shape [n, k, h, w] = [%lld, %d, %d, %d] must be positive",
                 static_cast<long long>(n), k, h, w);
@@ -94,7 +95,6 @@ extern "C" int relabel_pool_cpu(const void *scores, int score_type, const void *
     return fail(err, err_len, RELABEL_BAD_ARGUMENT, "unknown mode code %d", mode);
   if (const char *problem = relabel_dali::output_size_problem(mode, output_size))
     return fail(err, err_len, RELABEL_BAD_ARGUMENT, "output_size %d %s", output_size, problem);
-  const size_t targets = static_cast<size_t>(output_size) * output_size * num_classes;  // per sample
   if (score_type < relabel_dali::kScoreFloat32 || score_type > relabel_dali::kScoreUint8)
     return fail(err, err_len, RELABEL_BAD_ARGUMENT, "unknown score type code %d", score_type);
   if (id_type < RELABEL_ID_UINT16 || id_type > RELABEL_ID_UINT8)
@@ -144,8 +144,12 @@ extern "C" int relabel_pool_cpu(const void *scores, int score_type, const void *
                               box,
                               scale ? scale[i] : 1.0f,
                               offset ? offset[i] : 0.0f};
-      relabel_dali::pool_tokens_host(sample, num_classes, mode, output_size, mirror && mirror[i], out + i * targets,
-                                     scratch.view);
+      const int code = pool_one(i, sample, scratch.view, failure.message, static_cast<int>(sizeof(failure.message)));
+      if (code != RELABEL_OK) {
+        failure.sample = i;
+        failure.code = code;
+        return;
+      }
     }
   };
   // Threads for at least 64 targets each: a sample of S x S tokens is S^2 times the work of one.
@@ -166,6 +170,51 @@ extern "C" int relabel_pool_cpu(const void *scores, int score_type, const void *
     if (failure.code != RELABEL_OK && (!first || failure.sample < first->sample)) first = &failure;
   if (first) return fail(err, err_len, first->code, "%s", first->message);
   return RELABEL_OK;
+}
+
+}  // namespace
+
+extern "C" int relabel_pool_cpu(const void *scores, int score_type, const void *class_ids, int id_type,
+                                const float *boxes, const float *scale, const float *offset, int64_t n, int k, int h,
+                                int w, int num_classes, int mode, int output_size, const uint8_t *mirror,
+                                int num_threads, float *out, char *err, int err_len) {
+  const size_t targets = static_cast<size_t>(output_size) * output_size * num_classes;  // per sample
+  return run_cpu_batch(scores, score_type, class_ids, id_type, boxes, scale, offset, n, k, h, w, num_classes, mode,
+                       output_size, num_threads, err, err_len,
+                       [&](int64_t i, const SampleView &sample, relabel_dali::HostScratch &scratch, char *, int) {
+                         relabel_dali::pool_tokens_host(sample, num_classes, mode, output_size, mirror && mirror[i],
+                                                        out + i * targets, scratch);
+                         return static_cast<int>(RELABEL_OK);
+                       });
+}
+
+extern "C" int relabel_pool_cpu_compact(const void *scores, int score_type, const void *class_ids, int id_type,
+                                        const float *boxes, const float *scale, const float *offset, int64_t n, int k,
+                                        int h, int w, int num_classes, int mode, int output_size,
+                                        const uint8_t *mirror, int num_threads, int slots, int32_t *ids,
+                                        float *values, float *rest, int32_t *needed, char *err, int err_len) {
+  if (ids && slots < 1)
+    return fail(err, err_len, RELABEL_BAD_ARGUMENT, "compact slots = %d, expected >= 1", slots);
+  const int64_t tokens = static_cast<int64_t>(output_size) * output_size;
+  return run_cpu_batch(
+      scores, score_type, class_ids, id_type, boxes, scale, offset, n, k, h, w, num_classes, mode, output_size,
+      num_threads, err, err_len,
+      [&](int64_t i, const SampleView &sample, relabel_dali::HostScratch &scratch, char *message, int message_len) {
+        const bool flipped = mirror && mirror[i];
+        if (!ids) {
+          needed[i] = relabel_dali::compact_sample_needs(sample, num_classes, mode, output_size, flipped, scratch);
+          return static_cast<int>(RELABEL_OK);
+        }
+        int count = 0;
+        const int64_t first = i * tokens * slots;
+        const int token = relabel_dali::pool_tokens_compact_host(sample, num_classes, mode, output_size, flipped,
+                                                                 slots, ids + first, values + first, rest + i * tokens,
+                                                                 &count, scratch);
+        if (token < 0) return static_cast<int>(RELABEL_OK);
+        return fail(message, message_len, RELABEL_TOO_MANY_CLASSES,
+                    "sample %lld, token %d (row %d, column %d): %d classes, more than the %d compact slots",
+                    static_cast<long long>(i), token, token / output_size, token % output_size, count, slots);
+      });
 }
 
 #ifndef RELABEL_WITH_CUDA

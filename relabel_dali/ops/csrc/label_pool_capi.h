@@ -11,7 +11,14 @@
 
 extern "C" {
 
-enum { RELABEL_OK = 0, RELABEL_BAD_ARGUMENT = 1, RELABEL_BAD_BOX = 2, RELABEL_BAD_CLASS_ID = 3, RELABEL_CUDA_ERROR = 4 };
+enum {
+  RELABEL_OK = 0,
+  RELABEL_BAD_ARGUMENT = 1,
+  RELABEL_BAD_BOX = 2,
+  RELABEL_BAD_CLASS_ID = 3,
+  RELABEL_CUDA_ERROR = 4,
+  RELABEL_TOO_MANY_CLASSES = 5
+};
 
 enum { RELABEL_ID_UINT16 = 0, RELABEL_ID_INT16 = 1, RELABEL_ID_INT32 = 2, RELABEL_ID_INT64 = 3, RELABEL_ID_UINT8 = 4 };
 
@@ -20,6 +27,17 @@ int relabel_pool_cpu(const void *scores, int score_type, const void *class_ids, 
                      const float *scale, const float *offset, int64_t n, int k, int h, int w, int num_classes,
                      int mode, int output_size, const uint8_t *mirror, int num_threads, float *out, char *err,
                      int err_len);
+
+// relabel_pool_cpu's targets in compact form (label_pool_math.h, pool_token_compact_host): per sample
+// ids [output_size^2, slots] int32, values [output_size^2, slots] float32, rest [output_size^2] float32.
+// With ids null it pools nothing and writes needed [n] (int32): per sample the most classes any of its
+// tokens needs (the number of slots that sample takes). A token needing more than slots fails with
+// RELABEL_TOO_MANY_CLASSES, naming the lowest such sample and its first such token.
+int relabel_pool_cpu_compact(const void *scores, int score_type, const void *class_ids, int id_type,
+                             const float *boxes, const float *scale, const float *offset, int64_t n, int k, int h,
+                             int w, int num_classes, int mode, int output_size, const uint8_t *mirror,
+                             int num_threads, int slots, int32_t *ids, float *values, float *rest, int32_t *needed,
+                             char *err, int err_len);
 
 // Device pointers, uint16 class ids; validation of boxes and class ids is the caller's (it would need a sync here).
 int relabel_pool_cuda(const void *scores, int score_type, const uint16_t *class_ids, const float *boxes,

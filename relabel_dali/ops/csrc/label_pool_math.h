@@ -345,6 +345,7 @@ struct HostScratch {
   uint8_t *nonfinite = nullptr;              // per-class NonFinite flags, [num_classes], all zero between samples
   int *entry_class = nullptr;                // the weighted entries' classes and products, [k * h * w]
   float *entry_product = nullptr;
+  int *order = nullptr;                      // positions of touched classes sorted by id, [num_classes]
 };
 
 // Owns a HostScratch; Reserve grows it for a map size and class count, never shrinks it.
@@ -357,6 +358,7 @@ struct HostScratchBuffers {
   std::vector<uint8_t> nonfinite;
   std::vector<int> entry_class;
   std::vector<float> entry_product;
+  std::vector<int> order;
   HostScratch view;
 
   void Reserve(int k, int h, int w, int num_classes) {
@@ -373,9 +375,10 @@ struct HostScratchBuffers {
       seen.resize(num_classes, 0);
       sums.resize(num_classes, 0);
       nonfinite.resize(num_classes, 0);
+      order.resize(num_classes);
     }
     view = HostScratch{row_w.data(), col_w.data(), touched.data(), values.data(), seen.data(), sums.data(),
-                       nonfinite.data(), entry_class.data(), entry_product.data()};
+                       nonfinite.data(), entry_class.data(), entry_product.data(), order.data()};
   }
 };
 
@@ -386,26 +389,59 @@ inline long long first_bad_class_id(const uint16_t *ids, size_t count, int num_c
   return -1;
 }
 
-// Pools bin (row_bin, col_bin) of an output_size x output_size RoIAlign grid over the box into
-// out[num_classes]; the box must be valid (box_problem). pool_sample_host is its 1x1 case; the global
-// modes take the whole map and have no grid (output_size 1 only: the entry points refuse more).
-// The same arithmetic as the GPU kernel (label_pool_kernel.cuh), so both give the same bits: per-class
-// sums exact on a fixed-point grid, the argmax order of argmax_before, the softmax of
-// softmax_term/softmax_inverse. Softmax and argmax run over the touched classes plus one shared value
-// for the absent ones (pooled score 0), so the cost follows k*h*w rather than num_classes.
-inline void pool_token_host(const SampleView &s, int num_classes, int mode, int output_size, int row_bin,
-                            int col_bin, float *out, HostScratch &scratch) {
-  const int h = s.h, w = s.w;
+// The axis weights of bin (row_bin, col_bin) of an output_size x output_size RoIAlign grid over the
+// box into scratch.row_w [h] and scratch.col_w [w]; the global modes take the plain mean of the map.
+inline void token_axis_weights(const SampleView &s, int mode, int output_size, int row_bin, int col_bin,
+                               HostScratch &scratch) {
   if (is_global(mode)) {
     // The plain mean over the whole map, as the dense reference's mean over H and W.
-    for (int y = 0; y < h; ++y) scratch.row_w[y] = 1.0f / static_cast<float>(h);
-    for (int x = 0; x < w; ++x) scratch.col_w[x] = 1.0f / static_cast<float>(w);
+    for (int y = 0; y < s.h; ++y) scratch.row_w[y] = 1.0f / static_cast<float>(s.h);
+    for (int x = 0; x < s.w; ++x) scratch.col_w[x] = 1.0f / static_cast<float>(s.w);
   } else {
-    const AxisGrid gy = make_axis_grid(s.box[1], s.box[3], h, output_size);
-    const AxisGrid gx = make_axis_grid(s.box[0], s.box[2], w, output_size);
+    const AxisGrid gy = make_axis_grid(s.box[1], s.box[3], s.h, output_size);
+    const AxisGrid gx = make_axis_grid(s.box[0], s.box[2], s.w, output_size);
     axis_weights(gy, row_bin, scratch.row_w);
     axis_weights(gx, col_bin, scratch.col_w);
   }
+}
+
+// The classes a token touches: those held (with an id below num_classes) by an entry whose cell has a
+// nonzero weight, the very entries pool_token_values sums; every other class pools to 0. Their number.
+inline int count_token_classes(const SampleView &s, int num_classes, int mode, int output_size, int row_bin,
+                               int col_bin, HostScratch &scratch) {
+  token_axis_weights(s, mode, output_size, row_bin, col_bin, scratch);
+  int n_touched = 0;
+  const size_t plane = static_cast<size_t>(s.h) * s.w;
+  for (int y = 0; y < s.h; ++y) {
+    const float wy = scratch.row_w[y];
+    if (wy == 0.0f) continue;
+    for (int x = 0; x < s.w; ++x) {
+      if (mul_rn(wy, scratch.col_w[x]) == 0.0f) continue;
+      const size_t cell = static_cast<size_t>(y) * s.w + x;
+      for (int j = 0; j < s.k; ++j) {
+        const int id = s.class_ids[j * plane + cell];
+        if (id >= num_classes) continue;
+        scratch.touched[n_touched] = id;
+        n_touched += scratch.seen[id] ^ 1;
+        scratch.seen[id] = 1;
+      }
+    }
+  }
+  for (int t = 0; t < n_touched; ++t) scratch.seen[scratch.touched[t]] = 0;
+  return n_touched;
+}
+
+// Pools bin (row_bin, col_bin) of an output_size x output_size RoIAlign grid over the box (the box must
+// be valid: box_problem) up to the pooled values: returns the number of touched classes, their ids in
+// scratch.touched (first-touch order, scratch.seen set for each) and their pooled values in
+// scratch.values. The same arithmetic as the GPU kernel (label_pool_kernel.cuh), so both give the same
+// bits: per-class sums exact on a fixed-point grid. pool_token_host and pool_token_compact_host finish
+// it (argmax or softmax over the touched classes plus one shared value for the absent ones, pooled
+// score 0), so the cost follows k*h*w rather than num_classes.
+inline int pool_token_values(const SampleView &s, int num_classes, int mode, int output_size, int row_bin,
+                             int col_bin, HostScratch &scratch) {
+  const int h = s.h, w = s.w;
+  token_axis_weights(s, mode, output_size, row_bin, col_bin, scratch);
 
   // Pass 1, over the entries of the weighted cells in cell order (y, x, then j): their classes and
   // products, the touched classes (in first-touch order) and the largest finite |product|, which sets
@@ -451,27 +487,32 @@ inline void pool_token_host(const SampleView &s, int num_classes, int mode, int 
     scratch.sums[id] = 0;
     scratch.nonfinite[id] = 0;
   }
+  return n_touched;
+}
 
-  const int n_absent = num_classes - n_touched;
-  if (is_argmax(mode)) {
-    int best = -1;  // absent classes score 0; the lowest absent id stands for them all
-    if (n_absent > 0)
-      for (best = 0; scratch.seen[best];) ++best;
-    float best_value = 0.0f;
-    for (int t = 0; t < n_touched; ++t) {
-      const int id = scratch.touched[t];
-      if (best < 0 || argmax_before(scratch.values[t], id, best_value, best)) {
-        best = id;
-        best_value = scratch.values[t];
-      }
+// The argmax of a token's pooled values (pool_token_values): the touched classes and the absent ones
+// (pooled score 0; the lowest absent id stands for them all), in argmax_before's order.
+inline int token_argmax(int num_classes, int n_touched, const HostScratch &scratch) {
+  int best = -1;
+  if (n_touched < num_classes)
+    for (best = 0; scratch.seen[best];) ++best;
+  float best_value = 0.0f;
+  for (int t = 0; t < n_touched; ++t) {
+    const int id = scratch.touched[t];
+    if (best < 0 || argmax_before(scratch.values[t], id, best_value, best)) {
+      best = id;
+      best_value = scratch.values[t];
     }
-    for (int t = 0; t < n_touched; ++t) scratch.seen[scratch.touched[t]] = 0;
-    for (int c = 0; c < num_classes; ++c) out[c] = 0.0f;
-    out[best] = 1.0f;
-    return;
   }
+  return best;
+}
 
-  // The max passes NaNs over: a NaN class makes its own term NaN below, and the whole output NaN.
+// The softmax of a token's pooled values (pool_token_values) over all num_classes classes, the absent
+// ones scoring 0: scratch.values[t] becomes touched class t's probability; returns the probability
+// every absent class has. The max passes NaNs over: a NaN class makes its own term NaN, and then
+// every probability is NaN.
+inline float token_softmax(int num_classes, int n_touched, HostScratch &scratch) {
+  const int n_absent = num_classes - n_touched;
   float max_value = n_absent > 0 ? 0.0f : -INFINITY;
   for (int t = 0; t < n_touched; ++t)
     if (scratch.values[t] > max_value) max_value = scratch.values[t];
@@ -488,12 +529,72 @@ inline void pool_token_host(const SampleView &s, int num_classes, int mode, int 
       sum += to_fixed(term, unit);
   }
   const float inv_sum = any_nan ? pooled_nan() : softmax_inverse(sum, unit);
-  const float absent_value = any_nan ? pooled_nan() : mul_rn(absent_term, inv_sum);
+  for (int t = 0; t < n_touched; ++t) scratch.values[t] = any_nan ? pooled_nan() : mul_rn(scratch.values[t], inv_sum);
+  return any_nan ? pooled_nan() : mul_rn(absent_term, inv_sum);
+}
+
+// Pools bin (row_bin, col_bin) into the dense target out[num_classes]. pool_sample_host is its 1x1
+// case; the global modes take the whole map and have no grid (output_size 1 only: the entry points
+// refuse more).
+inline void pool_token_host(const SampleView &s, int num_classes, int mode, int output_size, int row_bin,
+                            int col_bin, float *out, HostScratch &scratch) {
+  const int n_touched = pool_token_values(s, num_classes, mode, output_size, row_bin, col_bin, scratch);
+  if (is_argmax(mode)) {
+    const int best = token_argmax(num_classes, n_touched, scratch);
+    for (int t = 0; t < n_touched; ++t) scratch.seen[scratch.touched[t]] = 0;
+    for (int c = 0; c < num_classes; ++c) out[c] = 0.0f;
+    out[best] = 1.0f;
+    return;
+  }
+  const float absent_value = token_softmax(num_classes, n_touched, scratch);
   for (int c = 0; c < num_classes; ++c) out[c] = absent_value;
   for (int t = 0; t < n_touched; ++t) {
-    out[scratch.touched[t]] = any_nan ? pooled_nan() : mul_rn(scratch.values[t], inv_sum);
+    out[scratch.touched[t]] = scratch.values[t];
     scratch.seen[scratch.touched[t]] = 0;
   }
+}
+
+// Classes a compact token target holds: the touched classes in the softmax modes, the argmax's one
+// class in the argmax modes.
+inline int compact_token_needs(int mode, int n_touched) { return is_argmax(mode) ? 1 : n_touched; }
+
+// The same target as pool_token_host in compact form (docs/OPERATOR.md, "Compact token targets"):
+// ids[slots] (int32, ascending, -1 as padding), values[slots] (each id's probability, bit for bit the
+// dense target's; 0 at the padding) and *rest, the probability of every class not among the ids (0 when
+// every class is among them). Softmax modes: the touched classes; argmax modes: the one class, value 1.
+// Returns the number of classes the token needs; when that exceeds slots, nothing is written.
+inline int pool_token_compact_host(const SampleView &s, int num_classes, int mode, int output_size, int row_bin,
+                                   int col_bin, int slots, int32_t *ids, float *values, float *rest,
+                                   HostScratch &scratch) {
+  const int n_touched = pool_token_values(s, num_classes, mode, output_size, row_bin, col_bin, scratch);
+  const int needed = compact_token_needs(mode, n_touched);
+  int written = 0;
+  if (needed > slots) {
+    // nothing to write
+  } else if (is_argmax(mode)) {
+    ids[0] = token_argmax(num_classes, n_touched, scratch);
+    values[0] = 1.0f;
+    *rest = 0.0f;
+    written = 1;
+  } else {
+    const float absent_value = token_softmax(num_classes, n_touched, scratch);
+    *rest = n_touched < num_classes ? absent_value : 0.0f;
+    // Ascending ids: sort the touched positions by class id.
+    for (int t = 0; t < n_touched; ++t) scratch.order[t] = t;
+    std::sort(scratch.order, scratch.order + n_touched,
+              [&](int a, int b) { return scratch.touched[a] < scratch.touched[b]; });
+    for (int t = 0; t < n_touched; ++t) {
+      ids[t] = scratch.touched[scratch.order[t]];
+      values[t] = scratch.values[scratch.order[t]];
+    }
+    written = n_touched;
+  }
+  for (int t = 0; t < n_touched; ++t) scratch.seen[scratch.touched[t]] = 0;
+  for (int t = written; t < slots; ++t) {
+    ids[t] = -1;
+    values[t] = 0.0f;
+  }
+  return needed;
 }
 
 inline void pool_sample_host(const SampleView &s, int num_classes, int mode, float *out, HostScratch &scratch) {
@@ -507,6 +608,37 @@ inline void pool_tokens_host(const SampleView &s, int num_classes, int mode, int
   for (int t = 0; t < tokens; ++t)
     pool_token_host(s, num_classes, mode, output_size, token_row_bin(t, output_size),
                     token_col_bin(t, output_size, mirror), out + static_cast<size_t>(t) * num_classes, scratch);
+}
+
+// The most classes any of one sample's output_size^2 tokens needs in compact form (compact_token_needs).
+inline int compact_sample_needs(const SampleView &s, int num_classes, int mode, int output_size, bool mirror,
+                                HostScratch &scratch) {
+  if (is_argmax(mode)) return 1;
+  int most = 0;
+  for (int t = 0; t < output_size * output_size; ++t)
+    most = std::max(most, count_token_classes(s, num_classes, mode, output_size, token_row_bin(t, output_size),
+                                              token_col_bin(t, output_size, mirror), scratch));
+  return most;
+}
+
+// All output_size^2 tokens of one sample in compact form: ids [output_size^2, slots], values likewise,
+// rest [output_size^2]. Returns -1, or the first token needing more than slots classes (its count in
+// *needed; the tokens before it are written).
+inline int pool_tokens_compact_host(const SampleView &s, int num_classes, int mode, int output_size, bool mirror,
+                                    int slots, int32_t *ids, float *values, float *rest, int *needed,
+                                    HostScratch &scratch) {
+  const int tokens = output_size * output_size;
+  for (int t = 0; t < tokens; ++t) {
+    const size_t first = static_cast<size_t>(t) * slots;
+    const int count = pool_token_compact_host(s, num_classes, mode, output_size, token_row_bin(t, output_size),
+                                              token_col_bin(t, output_size, mirror), slots, ids + first,
+                                              values + first, rest + t, scratch);
+    if (count > slots) {
+      *needed = count;
+      return t;
+    }
+  }
+  return -1;
 }
 
 }  // namespace relabel_dali
