@@ -11,8 +11,10 @@ tools/relabel.py does. ``synthetic``: ``object_topk_maps`` (a few objects on wea
 classes). ``SHARDS``: a label shard folder. Each batch takes random-resized crops (8-100 % of the
 area, aspect 3/4-4/3) of the maps in turn, half of them mirrored, and compares per token:
 
-* bytes of the dense float32 targets ``[B, S*S, C]`` and of the compact form (int32 ids, float32
-  values, float32 rest; ``m`` the most classes a token of the batch touches);
+* bytes of the dense float32 targets ``[B, S*S, C]`` and of the compact form the operator writes
+  (``pool_labels(..., compact=True)``, as ``fn.label_pool`` and the training loader with
+  ``data.relabel.token_compact``: int32 ids, float32 values, float32 rest; ``m`` the most classes a
+  token of the batch touches);
 * total-variation distance ``0.5 * sum_c |p_c - q_c|`` between the ``image`` and ``tokenlabeling``
   geometries, per token and for the 1 x 1 class token, and how often a token's top-1 differs;
 * with ``photos``, the centre crop: each photo cut to 4:3 and annotated twice, resized to a square
@@ -32,7 +34,8 @@ import numpy as np
 import torch
 
 from relabel_dali import LabelShardReader
-from relabel_dali.ops.token_reference import compact_token_targets, object_topk_maps, token_logits
+from relabel_dali.ops.pooling import pool_labels
+from relabel_dali.ops.token_reference import object_topk_maps, token_logits
 from relabel_dali.store.labelmaps import random_crops
 
 SIZE_PX, TOPK, CLASSES = 480, 5, 1000
@@ -92,7 +95,7 @@ def measure(scores, ids, num_classes, tokens, batch, batches, rng, centre=None) 
         boxes = torch.from_numpy(random_crops(rng, batch, 1, 1))
         mirror = torch.from_numpy(rng.random(batch) < 0.5)
         s, i = scores[which], ids[which]
-        compact = compact_token_targets(s, i, boxes, mirror, tokens, num_classes)
+        compact = pool_labels(s, i, boxes, num_classes, output_size=tokens, mirror=mirror, compact=True)
         dense_bytes = batch * tokens * tokens * num_classes * 4
         result["batches"].append({"m": int(compact.ids.shape[-1]), "compact_bytes": compact.nbytes,
                                   "dense_bytes": dense_bytes, "fraction": compact.nbytes / dense_bytes,
