@@ -4,7 +4,9 @@ Under the softmax that ends LabelPooling every class absent from a token's poole
 0, so all of them share one probability, ``1 / Z``. A token's target is therefore fully given by
 the values of the classes its window touches and that one number: ``m`` entries per token instead
 of ``C``. Dense token targets at 14 x 14 tokens, 1000 classes and batch 128 are 100 MB of float32;
-the compact form of real-looking maps is a few percent of that (docs/TRAINING.md).
+the compact form of real maps is 5-7 % of that (docs/TRAINING.md). The operator writes it
+(``fn.label_pool(..., compact=True)``, ``pool_labels(..., compact=True)``; docs/OPERATOR.md), the
+training loader carries it, :func:`mix` is CutMix's mix of two of them.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import torch
 class CompactTargets:
     """``ids [B, T, m]`` integer class ids, ``-1`` where a token has fewer than ``m`` classes;
     ``values [B, T, m]`` float, each id's probability (0 at the padding); ``rest [B, T]`` the
-    probability of every class not among a token's ids. ``m`` is the largest number of distinct
-    classes any token of the batch touches; the ids of a token are distinct."""
+    probability of every class not among a token's ids (0 where a token holds every class). ``m``
+    is the slots per token: by default the most classes any token of the batch holds (the
+    operator's ``compact_slots`` may fix it); the ids of a token are distinct and ascending."""
 
     ids: torch.Tensor
     values: torch.Tensor
