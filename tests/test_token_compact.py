@@ -172,7 +172,7 @@ class TestOperatorCompact:
     @pytest.mark.parametrize("k", [1, 5])
     def test_equals_pool_labels_batch_by_batch(self, k):
         scores, ids, boxes, mirror = maps(12, k, 15, C, seed=20 + k)
-        for size in (1, 14):
+        for size in (1, 7, 14):
             got = run_compact_pipeline(scores, ids, boxes, mirror, 6, num_classes=C, output_size=size)
             for part, (g_ids, g_values, g_rest) in zip((slice(0, 6), slice(6, 12)), got):
                 expected = pool_labels(scores[part], ids[part], boxes[part], C, output_size=size,

@@ -137,7 +137,7 @@ class LabelPool : public dali::Operator<Backend> {
       }, -i);
     }
     pool.RunAll();
-    const int most = std::max(1, *std::max_element(needed_.begin(), needed_.end()));
+    const int most = std::max(1, n ? *std::max_element(needed_.begin(), needed_.end()) : 1);
     if (compact_slots_ == 0) return most;
     for (int i = 0; i < n; ++i) {
       if (needed_[i] <= compact_slots_) continue;
