@@ -3,9 +3,11 @@ initialised, BN set from the config; with token labels a timm ViT with an auxili
 from __future__ import annotations
 
 import difflib
+import importlib
+import sys
+import types
 
 import torch
-import torchvision
 
 from relabel_dali.config import Config, ConfigError
 
@@ -20,6 +22,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
         model = build_timm_model(arch.removeprefix(TIMM_PREFIX), cfg.data.num_classes, kwargs,
                                  image_size=cfg.data.image_size)
     else:
+        torchvision = import_torchvision()
         available = torchvision.models.list_models(module=torchvision.models)
         if arch not in available:
             close = difflib.get_close_matches(arch, available, n=3)
@@ -30,6 +33,40 @@ def build_model(cfg: Config) -> torch.nn.Module:
     if cfg.data.relabel.token_size:
         model = TokenLabelModel(model, cfg.data.num_classes, cfg.data.relabel.token_size, arch)
     return model
+
+
+DYNAMO_UTILS = "torch._dynamo.utils"
+
+
+def import_torchvision() -> types.ModuleType:
+    """``torchvision``, imported without importing ``torch._dynamo`` along with it.
+
+    Importing torchvision imports its ops, and ``torchvision.ops.roi_align`` takes one function from
+    ``torch._dynamo.utils`` at import, which imports all of TorchDynamo (sympy, FX, FSDP: about as
+    long as torch itself, in every process that builds a model, and again at exit, when the
+    interpreter collects those modules). Nothing here compiles. While torchvision is imported,
+    ``torch._dynamo.utils`` is a stand-in whose attributes are the real ones, imported on first use
+    (RoIAlign calls ``is_compile_supported`` only on some of its paths); the stand-in is gone once
+    torchvision is in. Where TorchDynamo is already loaded, or torchvision is, it is a plain import."""
+    if "torchvision" in sys.modules or DYNAMO_UTILS in sys.modules or "torch._dynamo" in sys.modules:
+        return importlib.import_module("torchvision")
+    stand_in = types.ModuleType(DYNAMO_UTILS, "torch._dynamo.utils, imported on first use")
+
+    def real_attribute(name: str):
+        if name.startswith("__"):  # what the import system asks of a module (__path__, ...)
+            raise AttributeError(name)
+        if sys.modules.get(DYNAMO_UTILS) is stand_in:  # still importing torchvision
+            del sys.modules[DYNAMO_UTILS]
+        return getattr(importlib.import_module(DYNAMO_UTILS), name)
+
+    stand_in.__getattr__ = real_attribute  # module attribute look-up falls back to it (PEP 562)
+    stand_in.is_compile_supported = lambda *args, **kwargs: real_attribute("is_compile_supported")(*args, **kwargs)
+    sys.modules[DYNAMO_UTILS] = stand_in
+    try:
+        return importlib.import_module("torchvision")
+    finally:
+        if sys.modules.get(DYNAMO_UTILS) is stand_in:
+            del sys.modules[DYNAMO_UTILS]
 
 
 class TokenLabelModel(torch.nn.Module):
