@@ -16,6 +16,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dali-$(DALI_VARIANT)-$(DALI_VERSION)
 # The registry's default torch build (CUDA) is wanted: a local CPU-only wheel cannot load torchvision.
 PIP := PIP_FIND_LINKS= $(BIN)/python -m pip
+# pip byte-compiles the ~9,500 modules it installs one after another (torch, sympy, numpy, ...: about
+# 35 s of one core, a quarter of the install); they are installed without that and compiled
+# afterwards on every core at once (compileall's workers=0), with the same result: a .pyc beside each
+# module, which matters where PYTHONDONTWRITEBYTECODE is set or the venv is read-only at run time
+# (otherwise every process would compile what it imports, again). Like pip, files that do not
+# compile under this Python (torch's py312_intrinsics.py) are skipped without failing the install.
+NO_COMPILE := --no-compile
+COMPILE_SITE_PACKAGES := $(BIN)/python -c "import compileall, sysconfig; \
+	compileall.compile_dir(sysconfig.get_paths()['purelib'], quiet=2, workers=0)"
 
 .PHONY: install demo demo-data demo-labels demo-tokens ablation test bench bench-loader check-demo clean-venv clean-demo
 
@@ -24,11 +33,12 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(DALI_PIP_ARGS) "nvidia-dali-$(DALI_VARIANT)==$(DALI_VERSION)"
-	$(PIP) install -q -e ".[demo,dev]"
+	$(PIP) install -q $(NO_COMPILE) $(DALI_PIP_ARGS) "nvidia-dali-$(DALI_VARIANT)==$(DALI_VERSION)"
+	$(PIP) install -q -e ".[demo,dev]" $(NO_COMPILE)
 	$(MAKE) --no-print-directory cuda-wheels
 	# Real ImageNet photos for the demo; only the data folder is used, so no dependencies.
-	$(PIP) install -q --no-deps "foolbox==3.3.4"
+	$(PIP) install -q $(NO_COMPILE) --no-deps "foolbox==3.3.4"
+	$(COMPILE_SITE_PACKAGES)
 	rm -f $(VENV)/.installed-dali-*
 	touch $@
 
