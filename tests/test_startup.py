@@ -115,5 +115,19 @@ def test_main_leaves_the_collector_as_found(tiny, tmp_path, monkeypatch):
     assert gc.get_freeze_count() == 0
 
 
+def test_bench_startup_reports_each_case(tmp_path):
+    """``tools/bench_startup.py``, on its cheapest case: the JSON report names the tree, the commit,
+    the host and the load, with a median per case."""
+    report_path = tmp_path / "startup.json"
+    done = subprocess.run([sys.executable, "tools/bench_startup.py", "--only", "config_error", "--repeats", "1",
+                           "--json", str(report_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["tree"] == str(REPO) and report["commit"] and report["cpus"] >= 1 and report["repeats"] == 1
+    (case,) = report["cases"].values()
+    assert list(report["cases"]) == ["config_error"] and case["wall_s"] > 0 and case["cpu_s"] > 0
+    assert len(case["load_1min"]) == len(case["runs"]) == 1 and "config_error" in done.stdout
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
