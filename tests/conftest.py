@@ -243,6 +243,18 @@ LONGEST_FIRST = ("test_gpu_check.py", "test_ablate.py", "test_faults.py", "test_
                  "test_bench_loader.py", "test_disk_full.py", "test_loader.py", "test_token_training.py")
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_as_found():
+    """Each test leaves torch's intra-op thread count as it found it. tools/relabel.py run in-process
+    with ``--threads 2`` calls ``torch.set_num_threads(2)``, which held for every later test of that
+    pytest worker (one worker ran all its later in-process training and annotation with two threads
+    beside the other worker: the contention the module docstring describes)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     gpu_count = torch.cuda.device_count()  # NVML: does not initialise CUDA
     skip = pytest.mark.skip(reason="needs a CUDA GPU (NVML finds none)")
