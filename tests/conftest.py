@@ -239,8 +239,9 @@ def jitter_step_by_step(image, b, c, s, rgb, order):
 # --no-loadscope-reorder``): starting with the longest leaves short files to even out the end, where
 # xdist's own order (most tests first) left a long file running alone on one worker.
 LONGEST_FIRST = ("test_gpu_check.py", "test_ablate.py", "test_faults.py", "test_train.py", "test_relabel_tool.py",
-                 "test_multinode.py", "test_ops.py", "test_cuda_build.py", "test_annotator.py", "test_token_pooling.py",
-                 "test_bench_loader.py", "test_disk_full.py", "test_loader.py", "test_token_training.py")
+                 "test_multinode.py", "test_ops.py", "test_cuda_build.py", "test_startup.py", "test_annotator.py",
+                 "test_token_pooling.py", "test_bench_loader.py", "test_disk_full.py", "test_loader.py",
+                 "test_token_training.py")
 
 
 @pytest.fixture(autouse=True)
