@@ -147,11 +147,12 @@ ablation: demo-labels
 # The GPU tests run afterwards in a process of their own, after every CPU test: CUDA initialised in
 # a process stops DALI from forking workers there. That process collects only the files that mark
 # GPU tests (conftest refuses a GPU test in a file that does not say `mark.gpu`), so a machine
-# without a GPU still lists each of them as skipped, with the reason.
+# without a GPU still lists each of them as skipped, with the reason. The 20 slowest tests end the
+# report, so that where the suite's time goes shows in every CI log (docs/BENCHMARKS.md).
 TEST_WORKERS ?= 2
 GPU_TEST_FILES = $(shell grep -l 'mark\.gpu' tests/test_*.py)
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not gpu"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not gpu" --durations=20
 	$(BIN)/python -m pytest -m gpu $(GPU_TEST_FILES)
 
 bench: $(STAMP)
