@@ -444,12 +444,12 @@ def processes_with(token: str) -> list[int]:
 class TestSignals:
     """SIGTERM (preemption) ends a run cleanly; SIGKILL takes the DALI workers with it."""
 
-    def start(self, tiny, tmp_path, token, start_method="fork"):
+    def start(self, tiny, tmp_path, token, start_method="fork", workers=2):
         import subprocess
         import time
 
         env = {**os.environ, "RELABEL_TEST_TOKEN": token, "PYTHONUNBUFFERED": "1"}
-        argv = argv_for(tiny, tmp_path / "run", "--optim.epochs", "50", "--data.py_workers", "2",
+        argv = argv_for(tiny, tmp_path / "run", "--optim.epochs", "50", "--data.py_workers", str(workers),
                         "--util.print_freq", "1", "--data.start_method", start_method)
         # Output to a file, not a pipe: a pipe would also wait for any process that outlived the run.
         log = open(tmp_path / "train.log", "w")
@@ -457,7 +457,7 @@ class TestSignals:
                                    stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 120
-        while len(processes_with(token)) < 5:  # the trainer and its training and validation workers
+        while len(processes_with(token)) < 1 + 2 * workers:  # the trainer and its training and validation workers
             assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "train.log").read_text()
             time.sleep(0.2)
         time.sleep(1.5 if start_method == "fork" else 8.0)  # into the loop; spawned workers import for seconds
@@ -493,7 +493,9 @@ class TestSignals:
         import uuid
 
         token = uuid.uuid4().hex
-        process = self.start(tiny, tmp_path, token, start_method)
+        # Spawned workers each import torch and DALI afresh: one per loader (four of them importing at
+        # once on the two busy cores took ~18 s to start and 12 s to go after the kill).
+        process = self.start(tiny, tmp_path, token, start_method, workers=2 if start_method == "fork" else 1)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
         left = self.wait_gone(token, 10 if start_method == "fork" else 30)
