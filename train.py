@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import importlib
 import json
 import sys
 import time
@@ -30,7 +31,7 @@ from relabel_dali.train.distributed import cleanup, init_distributed, on_main
 from relabel_dali.train.engine import (METRICS_NAME, STOPPED_EXIT, RunLogger, StopRequest, Stopped, build_data, build_real,
                                  evaluate, train_one_epoch)
 from relabel_dali.store.format import FormatError
-from relabel_dali.train.models import build_model, unwrap
+from relabel_dali.train.models import TIMM_PREFIX, build_model, import_torchvision, unwrap
 from relabel_dali.train.optim import build_optimizer, build_schedule
 from relabel_dali.train.trace import RankTrace
 from relabel_dali.data.listing import BadSampleError
@@ -94,7 +95,7 @@ def run(cfg, resume, stop: StopRequest) -> int:
     checkpoint_path = None if cfg.util.test_only else resolve_resume(resume, out_dir)
     state = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None  # on the CPU
     start_epoch = state["epoch"] if state is not None else 0
-    with collector_skips_loaded_modules():
+    with collector_skips_loaded_modules(lambda: import_what_the_run_imports(cfg)):
         data = build_data(cfg, env, start_epoch)  # before anything touches CUDA
         try:
             return train(cfg, env, data, state, checkpoint_path, stop)
@@ -102,15 +103,35 @@ def run(cfg, resume, stop: StopRequest) -> int:
             data.close()  # the pipelines' worker processes end with the run, whatever ended it
 
 
+def import_what_the_run_imports(cfg) -> None:
+    """The run's heavy imports, done before the collector leaves what is loaded out of its passes
+    rather than during the run: torchvision (without TorchDynamo: ``import_torchvision``) or timm
+    for the model and, when training, TorchDynamo, which torch.optim imports at an optimizer's
+    first parameter group (``torch._disable_dynamo``): some 150,000 objects that every full pass
+    of the run would go over again. Importing the trainer imports none of them."""
+    importlib.import_module("timm") if cfg.model.arch.startswith(TIMM_PREFIX) else import_torchvision()
+    if not cfg.util.test_only:
+        importlib.import_module("torch._dynamo")
+
+
 @contextlib.contextmanager
-def collector_skips_loaded_modules():
-    """The objects alive now (imported modules, the configuration: some 180,000 of them, which live
-    as long as the process) are left out of the garbage collector's passes during the run
-    (``gc.freeze``): each full pass, such as the one that stops a loader's pipeline and its worker
-    processes, then costs half as much, and forked worker processes do not write to the pages
-    that hold them. Objects created during the run are collected as usual; on leaving, the frozen
-    ones are ordinary again (a process that calls ``main`` more than once collects them)."""
-    gc.freeze()
+def collector_skips_loaded_modules(load):
+    """Calls ``load()`` with the garbage collector paused (imports make long-lived objects, not
+    garbage: each pass it makes over them is wasted), then leaves every object alive (imported
+    modules, the configuration: some 340,000 of them, which live as long as the process) out of the
+    collector's passes during the run (``gc.freeze``): each full pass, such as the one that stops
+    a loader's pipeline and its worker processes, then costs a tenth as much, and forked worker
+    processes do not write to the pages that hold those objects. Objects created during the run are
+    collected as usual; on leaving, the frozen ones are ordinary again (a process that calls
+    ``main`` more than once collects them)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        load()
+        gc.freeze()
+    finally:
+        if enabled:
+            gc.enable()
     try:
         yield
     finally:
@@ -118,16 +139,16 @@ def collector_skips_loaded_modules():
 
 
 def skip_final_collection() -> None:
-    """At exit, after the other exit handlers (pipelines shut down, worker processes joined), the
-    interpreter's last garbage collection over the 360,000 objects of torch, TorchDynamo and DALI
-    takes one to two seconds of a two-node run's teardown, to free memory that the operating system
-    reclaims anyway; frozen objects are skipped by it (``gc.freeze``). Exit handlers, finalizers
-    registered with ``weakref.finalize`` and the modules' own teardown still run; ``__del__`` of
-    objects left in reference cycles does not (Python does not promise it at exit either)."""
+    """At exit, the objects alive are left out of the garbage collector's last passes
+    (``gc.freeze``): DALI's exit handler collects once more before its library unloads, and the
+    interpreter once more as it tears down, each over the 360,000 objects of torch, TorchDynamo and
+    DALI (0.3 s and 1-2 s of a two-node run's teardown), to free memory that the operating system
+    reclaims anyway. Registered after each run, it runs before the exit handlers registered during
+    the run: the pipelines have been stopped and collected by then (``Data.close``); DALI still
+    shuts down any pipeline left (``_shutdown_pipelines``), ``weakref.finalize`` callbacks (DALI's
+    worker pools) and the modules' own teardown still run; ``__del__`` of objects left in reference
+    cycles does not (Python does not promise it at exit either)."""
     gc.freeze()
-
-
-skip_final_collection.registered = False
 
 
 def train(cfg, env, data, state, checkpoint_path, stop: StopRequest) -> int:
@@ -204,9 +225,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: {error}", file=sys.stderr)
         return 2
     stop = StopRequest.install()  # SIGTERM (SLURM's preemption signal): stop at the next step
-    if not skip_final_collection.registered:  # registered before DALI's exit handler, it runs after it
-        atexit.register(skip_final_collection)
-        skip_final_collection.registered = True
     try:
         return run(cfg, resume, stop)
     except ConfigError as error:
@@ -221,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop.uninstall()
         cleanup()
+        atexit.unregister(skip_final_collection)  # once, and after the handlers registered so far (DALI's):
+        atexit.register(skip_final_collection)  # exit handlers run last registered first
 
 
 if __name__ == "__main__":
