@@ -244,16 +244,20 @@ LONGEST_FIRST = ("test_gpu_check.py", "test_ablate.py", "test_faults.py", "test_
                  "test_token_training.py")
 
 
+# torch's intra-op thread count when the session started (OMP_NUM_THREADS above).
+SESSION_THREADS = torch.get_num_threads()
+
+
 @pytest.fixture(autouse=True)
-def _torch_threads_as_found():
-    """Each test leaves torch's intra-op thread count as it found it. tools/relabel.py run in-process
-    with ``--threads 2`` calls ``torch.set_num_threads(2)``, which held for every later test of that
-    pytest worker (one worker ran all its later in-process training and annotation with two threads
-    beside the other worker: the contention the module docstring describes)."""
-    threads = torch.get_num_threads()
+def _torch_threads_reset():
+    """After each test, torch's intra-op thread count is the session's again. tools/relabel.py run
+    in-process with ``--threads 2`` (in a test or in a module fixture) calls
+    ``torch.set_num_threads(2)``, which held for every later test of that pytest worker: one worker
+    ran all its later in-process training and annotation with two threads beside the other worker,
+    the contention the module docstring describes."""
     yield
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    if torch.get_num_threads() != SESSION_THREADS:
+        torch.set_num_threads(SESSION_THREADS)
 
 
 def pytest_collection_modifyitems(config, items):
