@@ -43,8 +43,9 @@ def import_torchvision() -> types.ModuleType:
 
     Importing torchvision imports its ops, and ``torchvision.ops.roi_align`` takes one function from
     ``torch._dynamo.utils`` at import, which imports all of TorchDynamo (sympy, FX, FSDP: about as
-    long as torch itself, in every process that builds a model, and again at exit, when the
-    interpreter collects those modules). Nothing here compiles. While torchvision is imported,
+    long as torch itself, and 130,000 more objects for every garbage collection to go over). A
+    training process imports it anyway (torch.optim does, at an optimizer's first parameter
+    group); evaluation, tools and tests that only build a model need not. While torchvision is imported,
     ``torch._dynamo.utils`` is a stand-in whose attributes are the real ones, imported on first use
     (RoIAlign calls ``is_compile_supported`` only on some of its paths); the stand-in is gone once
     torchvision is in. Where TorchDynamo is already loaded, or torchvision is, it is a plain import."""
