@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from relabel_dali import LabelShardWriter  # noqa: E402
+from relabel_dali.data.benchdata import write_tiny_dataset  # noqa: E402
 from relabel_dali.ops.build import load_operators  # noqa: E402
 from relabel_dali.data.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
@@ -126,24 +127,7 @@ def write_tiny(root: Path, *, size=(48, 40), train: int = TRAIN_PER_CLASS, val: 
                cells: int = 5) -> Path:
     """``root/{train,val}/<wnid>/*.JPEG`` (a dominant colour per class) and 3 x cells x cells label
     maps for the training images in ``root/labels``."""
-    rng = np.random.default_rng(0)
-    writer = LabelShardWriter(root / "labels", k=3, height=cells, width=cells, num_classes=len(CLASSES),
-                              score_dtype="float16")
-    with writer.shard("labels-00000") as shard:
-        for c, wnid in enumerate(CLASSES):
-            colour = np.roll(np.array([180, 40, 40]), c)
-            for split, count in (("train", train), ("val", val)):
-                (root / split / wnid).mkdir(parents=True)
-                for i in range(count):
-                    pixels = (rng.random((*size, 3)) * 70 + colour).clip(0, 255).astype(np.uint8)
-                    name = f"{wnid}_{split}_{i:03d}"
-                    Image.fromarray(pixels).save(root / split / wnid / f"{name}.JPEG", quality=90)
-                    if split == "train":
-                        ids = np.stack([np.full((cells, cells), (c + j) % len(CLASSES)) for j in range(3)])
-                        scores = rng.normal(size=(3, cells, cells)) + np.array([3.0, 0.0, -1.0])[:, None, None]
-                        shard.add(f"{wnid}/{name}", scores, ids)
-    writer.finalize()
-    return root
+    return write_tiny_dataset(root, train=train, val=val, size=size, cells=cells, classes=CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -310,3 +294,24 @@ CUDA_AFTER_COLLECTION = pytest.StashKey[dict]()
 def cuda_after_collection(request) -> dict:
     """``cuda_initialised()`` as it was when collection finished."""
     return request.config.stash[CUDA_AFTER_COLLECTION]
+
+
+def kill_after_one_epoch_and_resume(argv: list[str], out: Path, monkeypatch) -> dict:
+    """Runs train.main(argv), killed at the start of epoch 1, then resumes it with --resume auto;
+    returns the final checkpoint."""
+    import train
+
+    original = train.train_one_epoch
+
+    def killed_at_epoch_1(model, loader, optimizer, schedule, scaler, cfg, epoch, *args, **kwargs):
+        if epoch == 1:
+            raise KeyboardInterrupt("killed")
+        return original(model, loader, optimizer, schedule, scaler, cfg, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", killed_at_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    assert torch.load(out / "checkpoint-last.pth", weights_only=False)["epoch"] == 1
+    monkeypatch.undo()
+    assert train.main(argv + ["--resume", "auto"]) == 0
+    return torch.load(out / "checkpoint-last.pth", weights_only=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from conftest import CLASSES, argv_for, write_tiny
+from conftest import CLASSES, argv_for, kill_after_one_epoch_and_resume, write_tiny
 from relabel_dali.config import ConfigError, parse_command_line
 from relabel_dali.data.loader import build_train_loader
 from relabel_dali.data.settings import Dataset, Labels, Runtime, TrainAugment
@@ -205,20 +205,7 @@ class TestTrain:
         loss = json.loads((straight_out / "metrics.json").read_text())["train"]["loss"]
         assert np.isfinite(loss) and loss > 0
 
-        argv = token_argv(token_tiny, resumed_out)
-        original = train.train_one_epoch
-
-        def killed_at_epoch_1(model, loader, optimizer, schedule, scaler, cfg, epoch, *args, **kwargs):
-            if epoch == 1:
-                raise KeyboardInterrupt("killed")
-            return original(model, loader, optimizer, schedule, scaler, cfg, epoch, *args, **kwargs)
-
-        monkeypatch.setattr(train, "train_one_epoch", killed_at_epoch_1)
-        with pytest.raises(KeyboardInterrupt):
-            train.main(argv)
-        monkeypatch.undo()
-        assert train.main(argv + ["--resume", "auto"]) == 0
-        resumed = torch.load(resumed_out / "checkpoint-last.pth", weights_only=False)
+        resumed = kill_after_one_epoch_and_resume(token_argv(token_tiny, resumed_out), resumed_out, monkeypatch)
         assert resumed["epoch"] == straight["epoch"] == 2
         assert states_equal(resumed["model"], straight["model"])
         assert resumed["schedule"] == straight["schedule"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train
-from conftest import CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, argv_for
+from conftest import CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, argv_for, kill_after_one_epoch_and_resume
 from relabel_dali.config import parse_command_line
 from relabel_dali.train.distributed import DistEnv, init_distributed
 from relabel_dali.train.engine import build_data, resolve_start_method
@@ -29,25 +29,6 @@ def straight_run(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
     assert train.main(argv_for(tiny, out, "--data.real_labels", str(tiny / "real.json"))) == 0
     return out
-
-
-def kill_after_one_epoch_and_resume(argv: list[str], out: Path, monkeypatch) -> dict:
-    """Runs train.main(argv), killed at the start of epoch 1, then resumes it with --resume auto;
-    returns the final checkpoint."""
-    original = train.train_one_epoch
-
-    def killed_at_epoch_1(model, loader, optimizer, schedule, scaler, cfg, epoch, *args, **kwargs):
-        if epoch == 1:
-            raise KeyboardInterrupt("killed")
-        return original(model, loader, optimizer, schedule, scaler, cfg, epoch, *args, **kwargs)
-
-    monkeypatch.setattr(train, "train_one_epoch", killed_at_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(argv)
-    assert torch.load(out / "checkpoint-last.pth", weights_only=False)["epoch"] == 1
-    monkeypatch.undo()
-    assert train.main(argv + ["--resume", "auto"]) == 0
-    return torch.load(out / "checkpoint-last.pth", weights_only=False)
 
 
 def assert_same_training_state(resumed: dict, straight: dict) -> None:

@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import shutil
 import socket
@@ -36,38 +35,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from relabel_dali.atomic import atomic_write_bytes  # noqa: E402
-from relabel_dali.store.writer import LabelShardWriter  # noqa: E402
+from relabel_dali.data.benchdata import write_tiny_dataset  # noqa: E402
+from tools.ablate import cpu_model  # noqa: E402
 
-CLASSES = ("n01440764", "n01443537", "n01484850")
+
 CASES = ("import", "config_error", "tiny_run", "two_nodes")
-
-
-def write_data(root: Path, *, train: int = 8, val: int = 4, size=(48, 40), cells: int = 5) -> Path:
-    """``root/{train,val}/<wnid>/*.JPEG`` and 3 x cells x cells label maps (the test suite's tiny set)."""
-    rng = np.random.default_rng(0)
-    writer = LabelShardWriter(root / "labels", k=3, height=cells, width=cells, num_classes=len(CLASSES),
-                              score_dtype="float16")
-    with writer.shard("labels-00000") as shard:
-        for c, wnid in enumerate(CLASSES):
-            colour = np.roll(np.array([180, 40, 40]), c)
-            for split, count in (("train", train), ("val", val)):
-                (root / split / wnid).mkdir(parents=True)
-                for i in range(count):
-                    pixels = (rng.random((*size, 3)) * 70 + colour).clip(0, 255).astype(np.uint8)
-                    name = f"{wnid}_{split}_{i:03d}"
-                    Image.fromarray(pixels).save(root / split / wnid / f"{name}.JPEG", quality=90)
-                    if split == "train":
-                        ids = np.stack([np.full((cells, cells), (c + j) % len(CLASSES)) for j in range(3)])
-                        scores = rng.normal(size=(3, cells, cells)) + np.array([3.0, 0.0, -1.0])[:, None, None]
-                        shard.add(f"{wnid}/{name}", scores, ids)
-    writer.finalize()
-    return root
 
 
 def run_argv(data: Path, out: Path) -> list[str]:
@@ -121,16 +97,6 @@ def measure(case: str, tree: Path, data: Path, scratch: Path) -> dict:
     return {"wall_s": wall, "cpu_s": cpu, "load_1min": load}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def tree_commit(tree: Path) -> str:
     done = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
@@ -156,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
               "repeats": args.repeats, "cases": {}}
     with tempfile.TemporaryDirectory(prefix="bench_startup_") as scratch:
         scratch = Path(scratch)
-        data = write_data(scratch / "data")
+        data = write_tiny_dataset(scratch / "data")
         runs = {case: [] for case in args.only}
         for _ in range(args.repeats):  # the cases interleaved, so that a change of load touches all of them
             for case in args.only:

@@ -127,3 +127,33 @@ def make_benchmark_data(root: str | Path, count: int, *, seed: int = 0, classes:
             path.parent.mkdir(parents=True, exist_ok=True)
             _image(index, seed + 1, sizes).save(path, quality=90)
     return BenchmarkData(root / "train", root / "pt", root / "labels", val_root, count)
+
+
+TINY_CLASSES = ("n01440764", "n01443537", "n01484850")
+
+
+def write_tiny_dataset(root: Path, *, train: int = 8, val: int = 4, size=(48, 40), cells: int = 5,
+                       classes: tuple[str, ...] = TINY_CLASSES) -> Path:
+    """``root/{train,val}/<wnid>/*.JPEG`` (a dominant colour per class) and 3 x cells x cells label
+    maps for the training images in ``root/labels``: the test suite's tiny set, also what
+    ``tools/bench_startup.py`` trains on."""
+    from relabel_dali.store.writer import LabelShardWriter
+
+    rng = np.random.default_rng(0)
+    writer = LabelShardWriter(root / "labels", k=3, height=cells, width=cells, num_classes=len(classes),
+                              score_dtype="float16")
+    with writer.shard("labels-00000") as shard:
+        for c, wnid in enumerate(classes):
+            colour = np.roll(np.array([180, 40, 40]), c)
+            for split, count in (("train", train), ("val", val)):
+                (root / split / wnid).mkdir(parents=True)
+                for i in range(count):
+                    pixels = (rng.random((*size, 3)) * 70 + colour).clip(0, 255).astype(np.uint8)
+                    name = f"{wnid}_{split}_{i:03d}"
+                    Image.fromarray(pixels).save(root / split / wnid / f"{name}.JPEG", quality=90)
+                    if split == "train":
+                        ids = np.stack([np.full((cells, cells), (c + j) % len(classes)) for j in range(3)])
+                        scores = rng.normal(size=(3, cells, cells)) + np.array([3.0, 0.0, -1.0])[:, None, None]
+                        shard.add(f"{wnid}/{name}", scores, ids)
+    writer.finalize()
+    return root
