@@ -109,7 +109,10 @@ def import_what_the_run_imports(cfg) -> None:
     for the model and, when training, TorchDynamo, which torch.optim imports at an optimizer's
     first parameter group (``torch._disable_dynamo``): some 150,000 objects that every full pass
     of the run would go over again. Importing the trainer imports none of them."""
-    importlib.import_module("timm") if cfg.model.arch.startswith(TIMM_PREFIX) else import_torchvision()
+    if cfg.model.arch.startswith(TIMM_PREFIX):
+        importlib.import_module("timm")
+    else:
+        import_torchvision()
     if not cfg.util.test_only:
         importlib.import_module("torch._dynamo")
 

@@ -21,6 +21,7 @@ from relabel_dali.atomic import disk_full_error, is_disk_full
 from relabel_dali.config import Config, ConfigError
 from relabel_dali.data.transfer import host_to_device
 from relabel_dali.train.distributed import DistEnv, all_reduce_sum
+from relabel_dali.ops.compact import CompactTargets
 from relabel_dali.train.losses import smooth_targets, soft_target_cross_entropy, token_label_loss
 from relabel_dali.train.metrics import AccuracyMeter, RealLabels, load_real_labels
 from relabel_dali.progress import progress
@@ -176,8 +177,6 @@ def token_targets_of(batch: dict, device: torch.device):
     if "token_targets" in batch:
         return on_device(batch["token_targets"], device).float()
     if "token_ids" in batch:
-        from relabel_dali.ops.compact import CompactTargets
-
         return CompactTargets(*(on_device(batch[f"token_{name}"], device) for name in ("ids", "values", "rest")))
     return None
 
