@@ -184,6 +184,40 @@ class TestBuildCache:
         assert again.returncode == 0, stderr
         assert json.loads(stdout.strip().splitlines()[-1])["built"] == {"label_pool_dali2.4.0": False}
 
+    def test_the_same_dali_in_another_folder_reuses_the_build(self, tmp_path, monkeypatch):
+        """Another virtual environment or clone holding the same DALI release finds the plugin built:
+        its cache key names DALI's release, not the folder DALI is unpacked in."""
+        import nvidia.dali.sysconfig as sysconfig
+
+        from relabel_dali.ops import build as ops
+
+        built = ops.build_plugin()
+        real = str(sysconfig.get_lib_dir())
+        elsewhere = tmp_path / "other-venv" / "site-packages" / "nvidia" / "dali"
+        elsewhere.parent.mkdir(parents=True)
+        elsewhere.symlink_to(real)
+
+        def moved(value):
+            return [moved(v) for v in value] if isinstance(value, list) else value.replace(real, str(elsewhere))
+
+        for name in ("get_lib_dir", "get_include_dir", "get_compile_flags", "get_link_flags"):
+            monkeypatch.setattr(sysconfig, name, lambda original=getattr(sysconfig, name): moved(original()))
+        assert str(elsewhere) in " ".join(ops.dali_build_flags()[0])
+        assert ops.build_plugin() == built
+        assert ops.build_info()["built_now"]["label_pool_dali" + ops.dali_build_flags()[2]] is False
+
+    def test_another_dali_build_has_its_own_key(self, monkeypatch):
+        import nvidia.dali as dali
+
+        from relabel_dali.ops import build as ops
+
+        flags = ops.dali_build_flags()[:2]
+        before = ops.dali_key_parts(*flags)
+        monkeypatch.setattr(dali, "__git_sha__", "0" * 40)
+        assert ops.dali_key_parts(*flags) != before
+        monkeypatch.undo()
+        assert ops.dali_key_parts(flags[0] + ["-DANOTHER_FLAG"], flags[1]) != before
+
     def test_bad_arch_list_is_reported(self, monkeypatch):
         from relabel_dali.ops import build as ops
 

@@ -13,8 +13,9 @@ A third, for tests only, runs the CUDA kernel's own source on the host (``testin
 GPU or nvcc): :mod:`relabel_dali.ops.testing`.
 
 Builds are cached under ``$RELABEL_DALI_CACHE`` (default ``~/.cache/relabel_dali``), keyed by DALI
-version, compiler versions, source hash and CUDA archs. Concurrent builders serialise on an ``fcntl``
-lock and each library appears by atomic rename, so a half-written library is never loaded.
+release (not the folder it is installed in), compiler versions, source hash and CUDA archs.
+Concurrent builders serialise on an ``fcntl`` lock and each library appears by atomic rename, so a
+half-written library is never loaded.
 Environment: ``RELABEL_DALI_CUDA_ARCHS`` (default ``80;90``), ``RELABEL_DALI_NO_CUDA=1`` (CPU only).
 """
 from __future__ import annotations
@@ -140,17 +141,34 @@ MIN_DALI = "1.28"
 
 def dali_build_flags() -> tuple[list[str], list[str], str]:
     """(compile flags, link flags, version) of the installed DALI wheel, if it is recent enough."""
+    dali, sysconfig = _import_dali()
+    release = tuple(int(part) for part in dali.__version__.split(".")[:2] if part.isdigit())
+    if release < tuple(int(part) for part in MIN_DALI.split(".")):
+        raise BuildError(f"NVIDIA DALI {dali.__version__} is too old: the LabelPool operators need DALI >= "
+                         f"{MIN_DALI} (`pip install -U nvidia-dali-cuda130`, or the cuda120 variant)")
+    return list(sysconfig.get_compile_flags()), list(sysconfig.get_link_flags()), dali.__version__
+
+
+def _import_dali():
     try:
         import nvidia.dali as dali
         import nvidia.dali.sysconfig as sysconfig
     except ImportError:
         raise BuildError("NVIDIA DALI is not installed: `pip install nvidia-dali-cuda130` (or the cuda120 "
                          "variant matching your driver)") from None
-    release = tuple(int(part) for part in dali.__version__.split(".")[:2] if part.isdigit())
-    if release < tuple(int(part) for part in MIN_DALI.split(".")):
-        raise BuildError(f"NVIDIA DALI {dali.__version__} is too old: the LabelPool operators need DALI >= "
-                         f"{MIN_DALI} (`pip install -U nvidia-dali-cuda130`, or the cuda120 variant)")
-    return list(sysconfig.get_compile_flags()), list(sysconfig.get_link_flags()), dali.__version__
+    return dali, sysconfig
+
+
+def dali_key_parts(compile_flags: list[str], link_flags: list[str]) -> list[str]:
+    """What identifies the installed DALI in the plugin's cache key: its release (version, the commit
+    it was built from, its CUDA version) and its build flags with the folder it is unpacked in
+    replaced by ``<dali>``. The plugin records no path (no run path: it links ``libdali.so`` by
+    name, which DALI has already loaded), so every virtual environment and every clone holding the
+    same DALI shares one build instead of compiling its own."""
+    dali, sysconfig = _import_dali()
+    root = str(sysconfig.get_lib_dir())
+    release = f"{dali.__version__} {getattr(dali, '__git_sha__', '?')} cuda {getattr(dali, '__cuda_version__', '?')}"
+    return [release, " ".join(flag.replace(root, "<dali>") for flag in compile_flags + link_flags)]
 
 
 def _run(command: list[str], cwd: Path) -> None:
@@ -216,8 +234,8 @@ def build_plugin() -> Path:
     nvcc = find_nvcc()
     cuda_include = find_cuda_include(nvcc)
     compiler = host_compiler()
-    key = ["plugin", dali_version, compiler_version(compiler), compiler_version(nvcc) if nvcc else "no-cuda",
-           ";".join(cuda_archs()) if nvcc else "", " ".join(compile_flags + link_flags)]
+    key = ["plugin", *dali_key_parts(compile_flags, link_flags), compiler_version(compiler),
+           compiler_version(nvcc) if nvcc else "no-cuda", ";".join(cuda_archs()) if nvcc else ""]
     return _build_cached(
         "label_pool_dali" + dali_version, key,
         lambda tmp: _compile_and_link(tmp, ["label_pool.cc", "resize_jitter.cc"], ["label_pool.cu"], compile_flags, link_flags,
