@@ -98,7 +98,9 @@ def test_make_install_as_the_image_runs_it(tmp_path):
     recipe = result.stdout
     assert f"{assignments['PYTHON']} -m venv --system-site-packages {venv}" in recipe
     assert f'"nvidia-dali-{dockerfile_args()["DALI_VARIANT"]}==' in recipe
-    assert f"{venv}/bin/python -m pip install -q -e \".[demo,dev]\"" in recipe
+    (install,) = [line for line in recipe.splitlines() if f"{venv}/bin/python -m pip install" in line
+                  and '-e ".[demo,dev]"' in line]
+    assert f'"nvidia-dali-{dockerfile_args()["DALI_VARIANT"]}==' in install  # one resolution for both
     assert f"touch {venv}/.installed-dali-" in recipe
 
 
