@@ -7,8 +7,10 @@ VENV ?= .venv
 VENV_ARGS ?=
 DALI_VARIANT ?= cuda130
 DALI_VERSION ?= 2.4.0
-# Extra pip arguments for the DALI wheel, e.g. NVIDIA's own package index for cuda110, whose
-# registry package is only a placeholder that downloads from there.
+# Extra pip arguments for the install, e.g. NVIDIA's own package index for cuda110, whose registry
+# package is only a placeholder that downloads from there. DALI and the project are resolved in one
+# pip call, so an extra index is also looked at for the project's dependencies (pip still takes the
+# versions they ask for).
 DALI_PIP_ARGS ?=
 DEMO_DIR ?= demo
 BIN := $(VENV)/bin
