@@ -150,8 +150,26 @@ def skip_final_collection() -> None:
     the run: the pipelines have been stopped and collected by then (``Data.close``); DALI still
     shuts down any pipeline left (``_shutdown_pipelines``), ``weakref.finalize`` callbacks (DALI's
     worker pools) and the modules' own teardown still run; ``__del__`` of objects left in reference
-    cycles does not (Python does not promise it at exit either)."""
-    gc.freeze()
+    cycles does not (Python does not promise it at exit either).
+
+    Not where an extension built with nanobind is loaded (triton's from 3.9, which TorchDynamo
+    imports: torch 2.15 and newer): nanobind counts its functions, types and objects still alive as
+    the interpreter ends and reports each one it finds as a leak, some 600 lines on every rank, and
+    the objects the last passes skip are alive then. The exit costs the 1-2 s instead."""
+    if not nanobind_loaded():
+        gc.freeze()
+
+
+def nanobind_loaded() -> bool:
+    """Whether an extension module built with nanobind is loaded: one holding nanobind's functions
+    (of type ``nb_func``), classes (of metaclass ``nb_type``) or their instances."""
+    for module in list(sys.modules.values()):
+        if not (getattr(module, "__file__", None) or "").endswith((".so", ".pyd")):
+            continue
+        for value in list(vars(module).values()):
+            if {type(value).__name__, type(type(value)).__name__} & {"nb_func", "nb_type"}:
+                return True
+    return False
 
 
 def train(cfg, env, data, state, checkpoint_path, stop: StopRequest) -> int:

@@ -125,11 +125,17 @@ demo_data() {
 
 train_one_epoch() {
   # The generator's label maps are in the 1000-class ImageNet space.
+  local log="$workdir/train.log" rc
   run_in /usr/local/bin/relabel-train --config-file-path configs/demo.yaml --optim.epochs 1 \
     --data.data_path /smoke/data --data.relabel.path /smoke/labels --data.num_classes 1000 \
-    --data.class_map imagenet --util.output_dir /smoke/runs || return
+    --data.class_map imagenet --util.output_dir /smoke/runs 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  [[ $rc -eq 0 ]] || return "$rc"
   [[ -s "$workdir/runs/checkpoint-last.pth" ]] \
     || { echo "smoke.sh: no checkpoint-last.pth in the output folder $workdir/runs" >&2; return 1; }
+  # A clean exit: no extension (triton's nanobind bindings) reporting objects left alive.
+  ! grep -q "leaked" "$log" \
+    || { echo "smoke.sh: the training run's exit reported leaked objects ($log):" >&2; grep -m 3 leaked "$log" >&2; return 1; }
 }
 
 pack_labels_help() {
