@@ -562,21 +562,21 @@ inline int compact_token_needs(int mode, int n_touched) { return is_argmax(mode)
 // ids[slots] (int32, ascending, -1 as padding), values[slots] (each id's probability, bit for bit the
 // dense target's; 0 at the padding) and *rest, the probability of every class not among the ids (0 when
 // every class is among them). Softmax modes: the touched classes; argmax modes: the one class, value 1.
-// Returns the number of classes the token needs; when that exceeds slots, nothing is written.
+// Returns the number of classes the token needs; when that exceeds slots, the token gets padding
+// only (and *rest is left as it was): the caller reports the error.
 inline int pool_token_compact_host(const SampleView &s, int num_classes, int mode, int output_size, int row_bin,
                                    int col_bin, int slots, int32_t *ids, float *values, float *rest,
                                    HostScratch &scratch) {
   const int n_touched = pool_token_values(s, num_classes, mode, output_size, row_bin, col_bin, scratch);
   const int needed = compact_token_needs(mode, n_touched);
+  const bool fits = needed <= slots;
   int written = 0;
-  if (needed > slots) {
-    // nothing to write
-  } else if (is_argmax(mode)) {
+  if (fits && is_argmax(mode)) {
     ids[0] = token_argmax(num_classes, n_touched, scratch);
     values[0] = 1.0f;
     *rest = 0.0f;
     written = 1;
-  } else {
+  } else if (fits) {
     const float absent_value = token_softmax(num_classes, n_touched, scratch);
     *rest = n_touched < num_classes ? absent_value : 0.0f;
     // Ascending ids: sort the touched positions by class id.
