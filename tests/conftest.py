@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from relabel_dali import LabelShardWriter  # noqa: E402
-from relabel_dali.data.benchdata import write_tiny_dataset  # noqa: E402
+from relabel_dali.data.benchdata import TINY_CLASSES, write_tiny_dataset  # noqa: E402
 from relabel_dali.ops.build import load_operators  # noqa: E402
 from relabel_dali.data.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
@@ -119,7 +119,7 @@ def save(path, array):
 
 
 # ---- shared helpers: a tiny ImageNet-style training set for train.py ---------------------------
-CLASSES = ("n01440764", "n01443537", "n01484850")
+CLASSES = TINY_CLASSES
 TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 4
 
 
@@ -127,7 +127,7 @@ def write_tiny(root: Path, *, size=(48, 40), train: int = TRAIN_PER_CLASS, val: 
                cells: int = 5) -> Path:
     """``root/{train,val}/<wnid>/*.JPEG`` (a dominant colour per class) and 3 x cells x cells label
     maps for the training images in ``root/labels``."""
-    return write_tiny_dataset(root, train=train, val=val, size=size, cells=cells, classes=CLASSES)
+    return write_tiny_dataset(root, train=train, val=val, size=size, cells=cells)
 
 
 @pytest.fixture(scope="module")
